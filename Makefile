@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with Python 3.11, pip and gcc: `make demo` and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# A CPU build of torch from local disk where the machine has one; any recent torch works with the package.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: demo test venv lint clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" \
+		|| $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# open_clip's loss is a peer in tests and benchmarks; its torchvision requirement is not needed for loss.py.
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch || echo "open-clip-torch unavailable: its parity test will skip"
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+demo: venv
+	$(BIN)/siglip train --config configs/demo.yaml --out runs/demo
+
+lint: venv
+	$(BIN)/ruff check src tests
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

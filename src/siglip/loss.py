@@ -1,0 +1,237 @@
+"""The contrastive losses: SigLIP's pairwise sigmoid loss and CLIP's softmax loss.
+
+This is the public face of the losses (see ../shared/CONTRACT.md). The sigmoid loss runs through the tiled
+kernel in `siglip.tiled` on one process and through the ring in `siglip.ring` across a process group; the
+softmax loss is the plain full-matrix CLIP loss, gathered across a group.
+
+Normalisation, for both losses: each process returns its own share of the global objective divided by its
+local batch `n`, so the mean over ranks is the global loss and the gradient reaching a rank's own features
+is world_size times the global gradient (DistributedDataParallel's mean then gives the exact global gradient).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from siglip.tiled import TiledSigmoidLoss
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    group: torch.distributed.ProcessGroup | None = None,
+    *,
+    positive_ids: torch.Tensor | None = None,
+    chunk: int | None = None,
+    ring: str = "auto",
+) -> torch.Tensor:
+    """SigLIP's loss: -(1/n) sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)), never building the n x n matrix.
+
+    Args:
+        image_features: (n, d) L2-normalised image embeddings, float32/float64/bfloat16/float16.
+        text_features: (n, d) L2-normalised text embeddings; row i matches image i.
+        logit_scale: t, the temperature itself (already exponentiated), a 0-d or 1-element tensor.
+        logit_bias: b, a 0-d or 1-element tensor.
+        group: a torch.distributed process group; None (or world size 1) computes locally. With D > 1 ranks
+            each passes its own n rows and the text features travel around a ring.
+        positive_ids: optional (n,) integer ids; image i and text j are positive when their ids are equal.
+            None means the identity labels (z_ii = +1, z_ij = -1 otherwise).
+        chunk: image rows per tile; None picks one automatically.
+        ring: which ring implementation runs under a group ("auto" picks the fastest measured).
+
+    Returns:
+        0-d tensor: this rank's share of the loss divided by n (float32 for 16-bit inputs; float64 stays float64).
+    """
+    _check_features(image_features, text_features)
+    _check_scalar("logit_scale", logit_scale, image_features.device)
+    _check_scalar("logit_bias", logit_bias, image_features.device)
+    _check_ids(positive_ids, image_features)
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+    if _world_size(group) > 1:
+        from siglip import ring as ring_module
+
+        return ring_module.ring_sigmoid_loss(
+            image_features, text_features, logit_scale, logit_bias, group,
+            positive_ids=positive_ids, chunk=chunk, implementation=ring,
+        )
+    return TiledSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, positive_ids, chunk)
+
+
+def softmax_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: torch.distributed.ProcessGroup | None = None,
+    *,
+    positive_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP's loss: (CE(t X Y^T, I) + CE(t Y X^T, I)) / 2, mean over rows.
+
+    Args:
+        image_features, text_features: (n, d) L2-normalised embeddings, row i of each a matching pair.
+        logit_scale: t, the temperature itself, a 0-d or 1-element tensor.
+        group: a process group; with D > 1 ranks the other ranks' features are all-gathered (with gradients) and
+            each rank's rows are scored against the global batch.
+        positive_ids: optional (n,) integer ids; the target of each row is spread uniformly over its positives.
+
+    Returns:
+        0-d tensor: this rank's share of the loss divided by n (float32 for 16-bit inputs).
+    """
+    _check_features(image_features, text_features)
+    _check_scalar("logit_scale", logit_scale, image_features.device)
+    _check_ids(positive_ids, image_features)
+    if _world_size(group) > 1:
+        from siglip import ring as ring_module
+
+        return ring_module.gathered_softmax_loss(
+            image_features, text_features, logit_scale, group, positive_ids=positive_ids
+        )
+    return local_softmax_loss(image_features, text_features, logit_scale, positive_ids, positive_ids)
+
+
+def local_softmax_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    image_ids: torch.Tensor | None,
+    text_ids: torch.Tensor | None,
+    *,
+    text_offset: int = 0,
+    all_text_features: torch.Tensor | None = None,
+    all_image_features: torch.Tensor | None = None,
+    all_text_ids: torch.Tensor | None = None,
+    all_image_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The softmax loss of n local rows against N candidates (N = n on one process, the gathered batch otherwise).
+
+    Images are scored against `all_text_features` (N, d) and texts against `all_image_features`; the local pair
+    i sits at candidate text_offset + i unless ids are given. Returns the sum of both directions' cross-entropy over
+    the n local rows, divided by 2n.
+    """
+    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
+    scale = logit_scale.reshape(()).to(acc)
+    images, texts = image_features.to(acc), text_features.to(acc)
+    all_texts = texts if all_text_features is None else all_text_features.to(acc)
+    all_images = images if all_image_features is None else all_image_features.to(acc)
+    n = images.shape[0]
+    logits_per_image = scale * images @ all_texts.t()            # (n, N)
+    logits_per_text = scale * texts @ all_images.t()             # (n, N)
+    if image_ids is None:
+        target = torch.arange(text_offset, text_offset + n, device=images.device)
+        loss = F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)
+    else:
+        cand_text_ids = text_ids if all_text_ids is None else all_text_ids
+        cand_image_ids = image_ids if all_image_ids is None else all_image_ids
+        loss = _soft_cross_entropy(logits_per_image, image_ids, cand_text_ids) + _soft_cross_entropy(
+            logits_per_text, text_ids, cand_image_ids
+        )
+    return loss / 2
+
+
+def _soft_cross_entropy(logits: torch.Tensor, row_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy with the target spread uniformly over the candidates that share a row's id."""
+    positive = (row_ids[:, None] == candidate_ids[None, :]).to(logits.dtype)     # (n, N)
+    target = positive / positive.sum(dim=1, keepdim=True).clamp_min(1)
+    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+class SigmoidLoss(nn.Module):
+    """The sigmoid loss with its learned temperature t = exp(t') and bias b.
+
+    Starts at t' = log(10) and b = -10, the paper's initialisation: the bias keeps the first steps near the prior
+    that almost every pair is a negative.
+    """
+
+    def __init__(self, init_logit_scale: float = 10.0, init_logit_bias: float = -10.0, chunk: int | None = None):
+        super().__init__()
+        if not (init_logit_scale > 0 and math.isfinite(init_logit_scale)):
+            raise ValueError(f"init_logit_scale must be a finite positive number, got {init_logit_scale!r}")
+        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(init_logit_bias)))
+        self.chunk = chunk
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """t = exp(t'), a 0-d tensor that carries gradients to t'."""
+        return self.log_logit_scale.exp()
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        group: torch.distributed.ProcessGroup | None = None,
+        *,
+        positive_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return sigmoid_loss(
+            image_features, text_features, self.logit_scale, self.logit_bias, group,
+            positive_ids=positive_ids, chunk=self.chunk,
+        )
+
+
+def _world_size(group: torch.distributed.ProcessGroup | None) -> int:
+    if group is None:
+        return 1
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ValueError("group was given but torch.distributed is not initialised; call init_process_group first")
+    return torch.distributed.get_world_size(group)
+
+
+def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    for name, value in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape [n, d], got {type(value).__name__}")
+        if value.dim() != 2:
+            raise ValueError(f"{name} must have shape [n, d], got shape {tuple(value.shape)}")
+        if value.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {value.dtype}")
+        if value.shape[0] == 0 or value.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one row of at least one feature, got {tuple(value.shape)}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features and text_features must have the same shape [n, d], got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise ValueError(
+            f"image_features and text_features must share a dtype, got {image_features.dtype} and {text_features.dtype}"
+        )
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features and text_features must be on one device, got {image_features.device} "
+            f"and {text_features.device}"
+        )
+
+
+def _check_scalar(name: str, value: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a 0-d or 1-element tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a 0-d or 1-element tensor, got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} must be on the features' device {device}, got {value.device}")
+    if not math.isfinite(float(value.detach().reshape(()))):
+        raise ValueError(f"{name} must be finite, got {float(value.detach().reshape(()))}")
+
+
+def _check_ids(positive_ids: torch.Tensor | None, image_features: torch.Tensor) -> None:
+    if positive_ids is None:
+        return
+    n = image_features.shape[0]
+    if not isinstance(positive_ids, torch.Tensor) or positive_ids.dtype.is_floating_point or positive_ids.is_complex():
+        raise ValueError(f"positive_ids must be an integer tensor of shape [{n}], got {getattr(positive_ids, 'dtype', type(positive_ids))}")
+    if positive_ids.shape != (n,):
+        raise ValueError(f"positive_ids must have shape [{n}] (one id per pair), got {tuple(positive_ids.shape)}")
+    if positive_ids.device != image_features.device:
+        raise ValueError(f"positive_ids must be on the features' device {image_features.device}, got {positive_ids.device}")
