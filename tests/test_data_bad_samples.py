@@ -1,0 +1,232 @@
+"""Every kind of bad sample (issue #5), built on the fly: decoded or refused by kind, skipped and counted, raised
+under strict with its key. The builders here are shared with the other data tests."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from siglip.data import BadSample, make_train_loader, open_source
+from siglip.data.sample import caption_id, check_caption, decode_image
+
+
+def random_image(side: int = 24, mode: str = "RGB") -> Image.Image:
+    """An image of fresh random pixels."""
+    pixels = np.random.default_rng().integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return Image.fromarray(pixels).convert(mode)
+
+
+def encode(image: Image.Image, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid PNG header announcing width x height pixels, followed by a scrap of data: a decompression bomb's face."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    scrap = zlib.compress(b"\0" * 64)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", scrap) + chunk(b"IEND", b"")
+
+
+def bad_image_bytes() -> dict[str, bytes]:
+    """Encoded images that cannot be used, by the kind the loader must report."""
+    jpeg = encode(random_image(48), "JPEG")
+    return {
+        "empty_image": b"",
+        "truncated_image": jpeg[: len(jpeg) // 2],
+        "undecodable_image": bytes(np.random.default_rng().integers(0, 256, 300, dtype=np.uint8)),
+        "too_many_pixels": png_claiming(10_000, 10_000),     # 100 Mpx: over our limit, under PIL's own error
+    }
+
+
+def convertible_image_bytes() -> dict[str, bytes]:
+    """Encoded images in modes that must come out as RGB."""
+    palette = random_image(16).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
+    grey16 = Image.fromarray(np.random.default_rng().integers(0, 65536, (16, 16)).astype(np.uint16))
+    return {
+        "cmyk_jpeg": encode(random_image(16, "CMYK"), "JPEG"),
+        "grey16_png": encode(grey16, "PNG"),
+        "palette_transparent_png": encode(palette, "PNG", transparency=0),
+        "rgba_png": encode(random_image(16, "RGBA"), "PNG"),
+        "grey_alpha_png": encode(random_image(16, "LA"), "PNG"),
+        "webp": encode(random_image(16), "WEBP"),
+        "grey_jpeg": encode(random_image(16, "L"), "JPEG"),
+    }
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def bad_shard(path: Path, good: int = 6) -> tuple[dict[str, str], set[str]]:
+    """A shard with `good` good samples and one sample of every bad kind; returns ({key: kind}, good keys)."""
+    members, expected, good_keys = [], {}, set()
+    for number in range(good):
+        members += [(f"good{number}.png", encode(random_image(), "PNG")), (f"good{number}.txt", b"a good sample"),
+                    (f"good{number}.cls", str(number % 3).encode())]
+        good_keys.add(f"good{number}")
+    for number, (name, data) in enumerate(convertible_image_bytes().items()):
+        extension = "webp" if name == "webp" else "jpg" if name.endswith("jpeg") else "png"
+        members += [(f"conv{number}.{extension}", data), (f"conv{number}.txt", f"a {name} image".encode())]
+        good_keys.add(f"conv{number}")
+    for kind, data in bad_image_bytes().items():
+        members += [(f"{kind}.jpg", data), (f"{kind}.txt", b"a caption")]
+        expected[kind] = kind
+    jpeg = encode(random_image(), "JPEG")
+    members += [("empty_caption.jpg", jpeg), ("empty_caption.txt", b""),
+                ("blank_caption.jpg", jpeg), ("blank_caption.txt", b" \t\n "),
+                ("latin1_caption.jpg", jpeg), ("latin1_caption.txt", "a caf\xe9 sign".encode("latin-1")),
+                ("no_image.txt", b"a caption without its image"),
+                ("no_caption.jpg", jpeg),
+                ("bad_cls.jpg", jpeg), ("bad_cls.txt", b"a caption"), ("bad_cls.cls", b"17")]
+    expected.update(empty_caption="empty_caption", blank_caption="empty_caption", latin1_caption="not_utf8",
+                    no_image="missing_image", no_caption="missing_caption", bad_cls="bad_label")
+    write_tar(path, members)
+    (path.parent / "classes.txt").write_text("zero\none\ntwo\n")      # so that label 17 is out of range
+    return expected, good_keys
+
+
+@pytest.mark.parametrize("kind", ["empty_image", "truncated_image", "undecodable_image", "too_many_pixels"])
+def test_unusable_images_are_refused_by_kind(kind):
+    with pytest.raises(BadSample) as caught:
+        decode_image(bad_image_bytes()[kind], "some/key")
+    assert caught.value.kind == kind and caught.value.key == "some/key" and "some/key" in str(caught.value)
+
+
+def test_header_of_a_huge_bomb_is_refused_and_the_limit_is_a_parameter():
+    with pytest.raises(BadSample, match="too_many_pixels"):
+        decode_image(png_claiming(100_000, 100_000), "bomb")      # PIL's own DecompressionBombError, caught
+    small = encode(random_image(30), "PNG")
+    assert decode_image(small, "ok", max_pixels=900).size == (30, 30)
+    with pytest.raises(BadSample, match="too_many_pixels"):
+        decode_image(small, "too big", max_pixels=899)
+
+
+def test_convertible_modes_become_rgb_with_their_content():
+    for name, data in convertible_image_bytes().items():
+        assert decode_image(data, name).mode == "RGB", name
+    # 16-bit grey is scaled to 8 bits (PIL's own conversion would clip nearly every pixel to 255).
+    values = np.random.default_rng().integers(0, 65536, (8, 8)).astype(np.uint16)
+    got = np.asarray(decode_image(encode(Image.fromarray(values), "PNG"), "grey16"))
+    assert np.abs(got[..., 0].astype(float) - values / 257.0).max() <= 0.5 + 1e-9
+    # Transparent pixels of a palette image come out white; opaque ones keep their colour.
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 200, 30, 40] + [0] * 762)
+    palette.putpixel((1, 1), 1)
+    got = np.asarray(decode_image(encode(palette, "PNG", transparency=0), "palette"))
+    assert (got[0, 0] == 255).all() and tuple(got[1, 1]) == (200, 30, 40)
+
+
+def test_caption_checks():
+    assert check_caption(b"  two red circles \n", "k") == "two red circles"
+    for text, kind in [(None, "missing_caption"), ("", "empty_caption"), (" \t", "empty_caption"),
+                       (b"caf\xe9", "not_utf8"), ("caf\udce9", "not_utf8"), (3, "malformed_record")]:
+        with pytest.raises(BadSample) as caught:
+            check_caption(text, "k")
+        assert caught.value.kind == kind, text
+    assert caption_id("Two red circles.") == caption_id("two  red circles") != caption_id("two red squares")
+    assert 0 <= caption_id(str(np.random.default_rng().random())) < 2**63
+
+
+def tensors(sample):
+    """A picklable transform for loader tests: a tiny image tensor."""
+    return {"pixels": torch.from_numpy(np.array(sample.image.convert("RGB").resize((8, 8))))}
+
+
+def test_every_bad_kind_in_a_shard_is_skipped_counted_and_logged(tmp_path, caplog):
+    expected, good_keys = bad_shard(tmp_path / "shard.tar")
+    source = open_source(str(tmp_path / "shard.tar"), seed=int(np.random.default_rng().integers(1000)))
+    kinds = {}
+    for record in range(len(source)):
+        key = source.records[record][1]
+        try:
+            source._read_record(record)
+        except BadSample as error:
+            kinds[key] = error.kind
+            assert key in error.key
+    assert kinds == expected
+    assert {sample.key.split(":")[-1] for sample in source.test_samples()} == good_keys
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="siglip.data"):
+        batch = next(make_train_loader(source, transform=tensors, local_batch=len(source), rank=0, world_size=1,
+                                       start_step=0, seed=0, num_workers=0))
+    # One epoch in one batch: every good sample is there, every bad one was met, each slot refilled.
+    assert len(batch.keys) == len(source) and {key.split(":")[-1] for key in batch.keys} == good_keys
+    assert set(batch.bad) == set(Counter(expected.values()))
+    assert all(batch.bad[kind] >= count for kind, count in Counter(expected.values()).items())
+    logged = " ".join(record.getMessage() for record in caplog.records)
+    assert sum("skipping" in record.getMessage() for record in caplog.records) <= 10     # rate-limited
+    assert any(f"shard.tar:{key}" in logged for key in expected)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_strict_raises_the_first_bad_sample_with_its_key(tmp_path, num_workers):
+    expected, _ = bad_shard(tmp_path / "shard.tar", good=2)
+    source = open_source(str(tmp_path / "shard.tar"))
+    first_bad = next(i for i in range(len(source)) if source.records[source.record_of(i)][1] in expected)
+    batches = make_train_loader(source, transform=tensors, local_batch=len(source), rank=0, world_size=1,
+                                start_step=0, seed=0, num_workers=num_workers, strict=True)
+    with pytest.raises(BadSample) as caught:
+        next(batches)
+    key = source.records[source.record_of(first_bad)][1]
+    assert caught.value.key.endswith(f":{key}") and caught.value.kind == expected[key]
+    with pytest.raises(BadSample):
+        open_source(str(tmp_path / "shard.tar"), strict=True).test_samples()
+
+
+def test_every_bad_kind_in_tables_is_refused_by_kind(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(encode(random_image(), "PNG"))
+    for kind, data in bad_image_bytes().items():
+        (images / f"{kind}.jpg").write_bytes(data)
+    rows = [("images/good.png", "a good image", "good")] + \
+           [(f"images/{kind}.jpg", "a caption", kind) for kind in bad_image_bytes()] + \
+           [("images/absent.png", "a caption", "missing_file"), ("", "a caption", "missing_image"),
+            ("images/good.png", "", "empty_caption"), ("images/good.png", "   ", "empty_caption")]
+    lines = ["filepath,caption"] + [f"{path},{caption}" for path, caption, _ in rows]
+    raw = "\n".join(lines).encode() + b"\nimages/good.png,caf\xe9\nimages/good.png\n"
+    (tmp_path / "pairs.csv").write_bytes(raw)
+    expected = [kind for _, _, kind in rows] + ["not_utf8", "missing_caption"]
+    source = open_source(str(tmp_path / "pairs.csv"))
+    assert _kinds(source) == expected
+
+    objects = [json.dumps({"image": path, "text": caption}).encode() for path, caption, _ in rows]
+    objects += [b'{"image": "images/good.png", "text": "caf\xe9"}', b'{"image": "images/good.png"',
+                b'["images/good.png", "a list"]', b'{"image": "images/good.png", "text": 7}']
+    (tmp_path / "pairs.jsonl").write_bytes(b"\n".join(objects) + b"\n")
+    source = open_source(str(tmp_path / "pairs.jsonl"))
+    assert _kinds(source) == [kind for _, _, kind in rows] + ["not_utf8"] + ["malformed_record"] * 3
+    assert [sample.caption for sample in source.test_samples()] == ["a good image"]
+    with pytest.raises(BadSample, match="pairs.jsonl:2"):
+        open_source(str(tmp_path / "pairs.jsonl"), strict=True).test_samples()
+
+
+def _kinds(source) -> list[str]:
+    kinds = []
+    for record in range(len(source)):
+        try:
+            source._read_record(record)
+            kinds.append("good")
+        except BadSample as error:
+            kinds.append(error.kind)
+    return kinds
