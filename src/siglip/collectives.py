@@ -1,0 +1,179 @@
+"""The exchanges behind the distributed losses: point-to-point hops, agreement checks, all-gathers with gradients.
+
+Everything here is small on purpose. `siglip.ring` composes these pieces into the rings of the sigmoid loss and the
+all-gathers of the baselines; each piece counts what it sends in a `CommStats`, so the benchmark reports bytes and
+synchronisation points as the code itself moved them, not as a formula predicts.
+
+Counting conventions (per rank, per call):
+- a point-to-point send counts its payload exactly; a receive counts nothing (the sender counted it);
+- a collective counts what a ring algorithm sends per rank: an all-gather or reduce-scatter of `m` bytes per rank
+  sends (D - 1) * m. Gloo and NCCL may pick other algorithms; this is the bandwidth-optimal figure they approach;
+- a synchronisation point is a moment this rank blocks until a peer has caught up: one `wait` on a set of
+  in-flight point-to-point operations, or one blocking collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PHASES = ("forward", "backward")
+
+
+@dataclass
+class CommStats:
+    """What one rank sent and how often it waited, during one forward and its backward.
+
+    Pass a fresh instance to `siglip.ring.ring_sigmoid_loss(..., stats=...)` (or `gathered_softmax_loss`);
+    the forward pass fills the forward fields, the backward pass the backward fields.
+    """
+
+    forward_bytes: int = 0
+    """Bytes this rank sent during the forward pass."""
+    backward_bytes: int = 0
+    """Bytes this rank sent during the backward pass."""
+    forward_sync_points: int = 0
+    """Times this rank blocked on communication during the forward pass."""
+    backward_sync_points: int = 0
+    """Times this rank blocked on communication during the backward pass."""
+
+    def record(self, phase: str, sent_bytes: int = 0, sync_points: int = 0) -> None:
+        """Add `sent_bytes` and `sync_points` to the fields of `phase` ("forward" or "backward")."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        setattr(self, f"{phase}_bytes", getattr(self, f"{phase}_bytes") + int(sent_bytes))
+        setattr(self, f"{phase}_sync_points", getattr(self, f"{phase}_sync_points") + int(sync_points))
+
+
+def payload_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a tensor's elements: what a send of it puts on the wire."""
+    return tensor.numel() * tensor.element_size()
+
+
+class PointToPoint:
+    """Posts batches of sends and receives on a group and waits for them, counting bytes and waits.
+
+    Peers are ranks within `group`. Sends stay in flight (their tensors referenced here, so nothing frees or
+    reuses them early) until the next `wait`, which completes them together with the receives it was asked for.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, stats: CommStats | None, phase: str):
+        self.group = group
+        self.stats = stats
+        self.phase = phase
+        self._pending_sends: list[tuple[list[dist.Work], list[torch.Tensor]]] = []
+
+    def post(
+        self,
+        sends: list[tuple[torch.Tensor, int, int]] = (),
+        recvs: list[tuple[torch.Tensor, int, int]] = (),
+    ) -> list[dist.Work]:
+        """Start `sends` and `recvs`, each a list of (tensor, peer rank in the group, tag); return the receives' works.
+
+        The order of operations towards one peer must match the order the peer posts them: NCCL ignores tags and
+        pairs messages by order alone (gloo pairs by tag, so distinct tags also guard against slips).
+        """
+        ops = [dist.P2POp(dist.isend, t, dist.get_global_rank(self.group, p), self.group, tag) for t, p, tag in sends]
+        ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(self.group, p), self.group, tag) for t, p, tag in recvs]
+        if not ops:
+            return []
+        works = dist.batch_isend_irecv(ops)
+        # The sent tensors stay referenced until their sends complete; nothing may free or overwrite them before.
+        self._pending_sends.append((works[: len(sends)] if len(works) == len(ops) else works, [t for t, _, _ in sends]))
+        if self.stats is not None:
+            self.stats.record(self.phase, sent_bytes=sum(payload_bytes(t) for t, _, _ in sends))
+        # Some backends (NCCL) return one work for the whole coalesced batch: waiting on it covers every operation.
+        return works[len(sends):] if len(works) == len(ops) else list(works)
+
+    def wait(self, works: list[dist.Work] = ()) -> None:
+        """Block until `works` and every send posted so far have completed: one synchronisation point."""
+        pending, self._pending_sends = self._pending_sends, []
+        if not works and not pending:
+            return
+        for work in works:
+            work.wait()
+        for send_works, _ in pending:
+            for work in send_works:
+                work.wait()
+        if self.stats is not None:
+            self.stats.record(self.phase, sync_points=1)
+
+
+def all_gather_rows(
+    tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats | None = None, phase: str = "forward"
+) -> torch.Tensor:
+    """(n, ...) on each of D ranks -> (D * n, ...) on every rank, rank r's rows at [r * n, (r + 1) * n)."""
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    # all_gather_single is the newer name (torch >= 2.9) of all_gather_into_tensor, which it deprecates.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, tensor, group=group)
+    if stats is not None:
+        stats.record(phase, sent_bytes=(world - 1) * payload_bytes(tensor), sync_points=1)
+    return out
+
+
+def reduce_scatter_rows(
+    tensor: torch.Tensor, group: dist.ProcessGroup, stats: CommStats | None = None, phase: str = "backward"
+) -> torch.Tensor:
+    """(D * n, ...) on each of D ranks -> (n, ...) on rank r: rows [r * n, (r + 1) * n) summed over ranks."""
+    world = dist.get_world_size(group)
+    tensor = tensor.contiguous()
+    n = tensor.shape[0] // world
+    out = torch.empty((n,) + tuple(tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, tensor, group=group)
+    if stats is not None:
+        stats.record(phase, sent_bytes=(world - 1) * payload_bytes(out), sync_points=1)
+    return out
+
+
+class AllGatherWithGrad(torch.autograd.Function):
+    """All-gather of rows whose backward sums each rank's slice of the gradient back to its owner (reduce-scatter).
+
+    Forward: (n, d) -> (D * n, d). Backward: the (D * n, d) gradient of every rank is summed and rank r keeps rows
+    [r * n, (r + 1) * n), so each rank's own features receive what every rank's loss asked of them. The sum runs in
+    float32 (float64 stays float64): 16-bit sums over D ranks would round away what the ranks computed.
+    Every rank must run the backward (it is a collective).
+    """
+
+    @staticmethod
+    def forward(ctx, tensor, group, stats):  # noqa: D401
+        ctx.group, ctx.stats = group, stats
+        return all_gather_rows(tensor, group, stats, "forward")
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        accumulate = torch.float64 if grad_output.dtype == torch.float64 else torch.float32
+        summed = reduce_scatter_rows(grad_output.to(accumulate), ctx.group, ctx.stats, "backward")
+        return summed.to(grad_output.dtype), None, None
+
+
+def agree_across_ranks(
+    group: dist.ProcessGroup,
+    fields: dict[str, int],
+    device: torch.device,
+    stats: CommStats | None = None,
+) -> list[dict[str, int]]:
+    """Share small integers (shapes, codes, flags) with every rank: one tiny all-gather, one synchronisation point.
+
+    Returns a list with each rank's `fields`. Callers compare them and raise on every rank alike: all ranks see the
+    same list, so a mismatch becomes the same ValueError everywhere instead of a hang in the next exchange.
+    """
+    names = list(fields)
+    mine = torch.tensor([int(fields[name]) for name in names], dtype=torch.int64, device=device)
+    gathered = all_gather_rows(mine[None, :], group, stats, "forward").cpu().tolist()
+    return [dict(zip(names, row, strict=True)) for row in gathered]
+
+
+def require_agreement(shared: list[dict[str, int]], field: str, what: str, advice: str) -> None:
+    """Raise ValueError (on every rank, since all see `shared`) unless all ranks gave the same `field`."""
+    values = [row[field] for row in shared]
+    if any(value != values[0] for value in values):
+        raise ValueError(
+            f"{what} needs the same {field} on every rank of the group, got {values} on ranks 0..{len(values) - 1}; "
+            f"{advice}"
+        )

@@ -1,0 +1,476 @@
+"""The sigmoid loss across D ranks on a ring, and the all-gather baselines (SigLIP, Zhai et al. 2023, Section 3.3).
+
+Each rank keeps its n image rows; the n text rows of every rank visit every other rank, one block per hop, and each
+visit is one call of the tiled kernel `siglip.tiled.sigmoid_block`, so no rank holds more than one tile of logits.
+The kernel forms a block's gradients in the forward pass, which leaves a choice of where the gradient of a visiting
+text block goes (docs/distributed.md has the cost model, a diagram and the measurements):
+
+- "two_pass": the classic ring. Text blocks travel forward in D - 1 hops; each rank keeps the gradient of every
+  block it saw ((D - 1) n d floats), and in the backward pass those gradients travel back around the ring to their
+  owners, summed on the way (D - 1 hops again).
+- "bidirectional": the same, with half the blocks travelling each way round, so ceil((D - 1) / 2) hops per pass.
+- "single_lap": the gradient of a visiting block travels *with* it. Each rank adds its contribution to an
+  accumulator that follows the block one hop behind; after the lap the accumulator arrives home holding the block's
+  whole gradient. The backward pass only scales stored gradients: no communication, nothing kept of other ranks,
+  so a rank holds two text blocks and a few gradient-sized buffers whatever D is.
+- "all_gather": the baseline. Every rank gathers all D * n text rows, computes its rows against all of them, and a
+  reduce-scatter returns the text gradients in the backward pass.
+
+Conventions (../shared/CONTRACT.md): rank r returns S_r / n, where S_r = sum over its n images i and all D * n texts
+j of softplus(-z_ij (t <x_i, y_j> + b)). The mean over ranks is then the global loss L = sum_r S_r / (D n). The
+gradient reaching rank r's own image and text rows is D * dL/d(rows), and its gradient for the replicated t and b is
+dS_r/dt / n, its own pairs' share, so that DistributedDataParallel's mean over ranks gives exactly dL/dt.
+
+One difference in autograd semantics: "single_lap" folds every rank's contribution to a text gradient in the forward
+pass, so it assumes each rank back-propagates the same multiple of its loss (loss.backward(), or one common loss
+scale), as DistributedDataParallel training does. The two-pass rings scale each contribution by its own rank's
+incoming gradient, like any autograd function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from siglip.collectives import (
+    AllGatherWithGrad,
+    CommStats,
+    PointToPoint,
+    agree_across_ranks,
+    all_gather_rows,
+    reduce_scatter_rows,
+    require_agreement,
+)
+from siglip.tiled import BlockResult, accumulation_dtype, sigmoid_block
+
+IMPLEMENTATIONS = ("two_pass", "bidirectional", "single_lap", "all_gather")
+# `siglip bench ring` on 2 shared cores (docs/distributed.md): single_lap took 0.60-0.73 of two_pass's time at
+# D = 4 and at D = 8 with d = 768, and was within 7% elsewhere; its backward sends nothing, its memory is flat in D.
+AUTO_IMPLEMENTATION = "single_lap"
+DTYPE_CODES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SOFTMAX_CODE = len(IMPLEMENTATIONS)
+
+# Message tags: gloo pairs sends and receives by (peer, tag); each stream of a lane gets its own.
+_TAG_BLOCK, _TAG_IDS, _TAG_GRAD = 0, 1, 2
+
+
+def ring_sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    positive_ids: torch.Tensor | None = None,
+    chunk: int | None = None,
+    implementation: str = "auto",
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """This rank's share of the global sigmoid loss over a group of D ranks, divided by its local n.
+
+    Args:
+        image_features: (n, d) this rank's L2-normalised image rows; float32/float64/bfloat16/float16.
+        text_features: (n, d) this rank's text rows, same dtype; row i pairs with image row i.
+        logit_scale: t, the temperature itself (0-d or 1-element), replicated on every rank.
+        logit_bias: b (0-d or 1-element), replicated on every rank.
+        group: the process group; every rank of it must call this with the same n, d, dtype and implementation.
+        positive_ids: optional (n,) integer ids; image i and text j are positive when their ids are equal. They
+            travel with the text blocks, so they compare across ranks. None: only (i, i) of the same rank is positive.
+        chunk: image rows per tile inside each block; None picks one.
+        implementation: "two_pass", "bidirectional", "single_lap", "all_gather" or "auto" (AUTO_IMPLEMENTATION).
+        stats: optional `CommStats` that receives the bytes this rank sends and its synchronisation points.
+
+    Returns:
+        0-d tensor in the accumulation dtype (float64 for float64 inputs, float32 otherwise): S_r / n.
+
+    Raises:
+        ValueError on every rank (never a hang) when the ranks disagree on n, d, dtype, whether ids are given,
+        the implementation, or (for the rings with a backward exchange) whether gradients are needed.
+    """
+    name = AUTO_IMPLEMENTATION if implementation == "auto" else implementation
+    needs_grad = torch.is_grad_enabled() and any(
+        v.requires_grad for v in (image_features, text_features, logit_scale, logit_bias)
+    )
+    setup = _Setup.agree(
+        "sigmoid_loss", image_features, positive_ids, group, stats,
+        code=IMPLEMENTATIONS.index(name) if name in IMPLEMENTATIONS else -1, needs_grad=needs_grad,
+    )
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"ring must be 'auto' or one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if name != "single_lap":
+        # A backward exchange that one rank skips would leave its peers waiting forever.
+        require_agreement(
+            setup.shared, "needs_grad", "sigmoid_loss with ring=" + repr(name),
+            "every rank must back-propagate through the loss (or none, under torch.no_grad)",
+        )
+    setup.needs_grad = any(row["needs_grad"] for row in setup.shared)
+    return _RingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, setup, name, chunk)
+
+
+def gathered_softmax_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    positive_ids: torch.Tensor | None = None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """CLIP's loss over a group: both towers all-gathered with gradients, this rank's rows scored against all D * n.
+
+    Args:
+        image_features, text_features: (n, d) this rank's L2-normalised rows, same dtype.
+        logit_scale: t, the temperature itself (0-d or 1-element).
+        group: the process group; every rank passes the same n, d and dtype.
+        positive_ids: optional (n,) integer ids, gathered like the features; targets spread over each row's positives.
+        stats: optional `CommStats` for bytes sent and synchronisation points.
+
+    Returns:
+        0-d tensor: (sum of this rank's image rows' and text rows' cross-entropies) / (2 n), so the mean over ranks
+        is the global loss; the gradient reaching this rank's features is D times the global gradient.
+    """
+    from siglip.loss import local_softmax_loss  # loss.py imports this module lazily; import back the same way
+
+    needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (image_features, text_features, logit_scale))
+    setup = _Setup.agree(
+        "softmax_loss", image_features, positive_ids, group, stats, code=SOFTMAX_CODE, needs_grad=needs_grad
+    )
+    require_agreement(
+        setup.shared, "needs_grad", "softmax_loss", "every rank must back-propagate through the loss (or none)"
+    )
+    all_images = AllGatherWithGrad.apply(image_features, group, stats)      # (D n, d)
+    all_texts = AllGatherWithGrad.apply(text_features, group, stats)        # (D n, d)
+    all_ids = None if positive_ids is None else all_gather_rows(positive_ids, group, stats, "forward")
+    return local_softmax_loss(
+        image_features, text_features, logit_scale, positive_ids, positive_ids,
+        text_offset=setup.rank * setup.n,
+        all_text_features=all_texts, all_image_features=all_images, all_text_ids=all_ids, all_image_ids=all_ids,
+    )
+
+
+def expected_traffic(
+    implementation: str,
+    world_size: int,
+    n: int,
+    d: int,
+    dtype: torch.dtype,
+    with_ids: bool = False,
+    with_grad: bool = True,
+) -> CommStats:
+    """The cost model of docs/distributed.md: what each rank sends and how often it waits, per forward + backward.
+
+    `implementation` is one of IMPLEMENTATIONS or "softmax" (the gathered CLIP loss); ids are int64; `with_grad`
+    False is a forward under torch.no_grad. The tests hold the counts the code records against this, so the
+    documented model and the code cannot drift apart.
+    """
+    if world_size == 1:
+        return CommStats()
+    hops, e_in = world_size - 1, torch.empty((), dtype=dtype).element_size()
+    e_acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
+    block, ids, grad = n * d * e_in, 8 * n if with_ids else 0, n * d * e_acc if with_grad else 0
+    header = hops * 8 * len(_Setup.FIELDS)                     # the agreement all-gather of a few int64
+    if implementation in ("two_pass", "bidirectional"):
+        steps = hops if implementation == "two_pass" else math.ceil(hops / 2)
+        return CommStats(header + hops * (block + ids), hops * grad, 1 + steps, steps if with_grad else 0)
+    if implementation == "single_lap":
+        # one wait per arriving block, one per arriving accumulator (the last one: this rank's own, coming home)
+        return CommStats(header + hops * (block + ids + grad), 0, 1 + hops * (1 + with_grad), 0)
+    if implementation == "all_gather":
+        return CommStats(header + hops * (block + ids), hops * grad, 2 + with_ids, int(with_grad))
+    if implementation == "softmax":
+        return CommStats(header + hops * (2 * block + ids), 2 * hops * grad, 3 + with_ids, 2 * with_grad)
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('softmax',)}, got {implementation!r}")
+
+
+@dataclass
+class _Setup:
+    """What every rank agreed on before the first hop, and the rank's place in the ring."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    n: int
+    stats: CommStats | None
+    ids: torch.Tensor | None
+    shared: list[dict[str, int]] = field(default_factory=list)
+    needs_grad: bool = True
+
+    FIELDS = ("n", "d", "dtype", "positive_ids", "implementation", "needs_grad")
+
+    @classmethod
+    def agree(cls, what, image_features, positive_ids, group, stats, *, code, needs_grad) -> _Setup:
+        """One tiny all-gather of n, d, dtype, ids-or-not, implementation and needs-grad; ValueError on any mismatch."""
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        n, d = image_features.shape
+        setup = cls(group, rank, world, n, stats, None if positive_ids is None else positive_ids.contiguous())
+        if world == 1:
+            setup.shared = [{"needs_grad": int(needs_grad)}]
+            return setup
+        fields = dict(
+            n=n, d=d, dtype=DTYPE_CODES.index(image_features.dtype),
+            # 0 without ids, else their element size: ids of another integer width would not fit the receive buffers
+            positive_ids=0 if positive_ids is None else positive_ids.element_size(),
+            implementation=code, needs_grad=needs_grad,
+        )
+        setup.shared = agree_across_ranks(group, fields, image_features.device, stats)
+        require_agreement(setup.shared, "n", what, "split the global batch evenly across ranks (drop the remainder)")
+        require_agreement(setup.shared, "d", what, "every rank must use the same model")
+        require_agreement(setup.shared, "dtype", what, "cast the features to one dtype on every rank")
+        require_agreement(
+            setup.shared, "positive_ids", what, "pass positive_ids of one integer dtype on every rank, or on none"
+        )
+        names = dict(enumerate(IMPLEMENTATIONS + ("softmax_loss",))) | {-1: "unknown"}
+        require_agreement(setup.shared, "implementation", what, f"call the same loss and ring on every rank {names}")
+        return setup
+
+    def peer(self, offset: int) -> int:
+        """The rank `offset` steps along the ring (negative: against it)."""
+        return (self.rank + offset) % self.world
+
+
+class _Blocks:
+    """This rank's images against one text block at a time, summing the kernel's results over blocks."""
+
+    def __init__(self, setup: _Setup, images: torch.Tensor, scale: float, bias: float, chunk: int | None):
+        self.setup, self.images, self.scale, self.bias, self.chunk = setup, images, scale, bias, chunk
+        acc = images.dtype
+        self.loss = torch.zeros((), dtype=acc, device=images.device)
+        self.grad_image = torch.zeros_like(images)
+        self.grad_scale = torch.zeros((), dtype=acc, device=images.device)
+        self.grad_bias = torch.zeros((), dtype=acc, device=images.device)
+
+    def add(self, texts: torch.Tensor, text_ids: torch.Tensor | None, diagonal_offset: int | None) -> BlockResult:
+        """Run the kernel on (n images) x (m texts); add loss, image, t and b gradients; return the block's result.
+
+        Without ids the positives are (i, i + diagonal_offset): 0 for the rank's own block, None (no positives) for
+        a visiting one. With ids the offset is ignored.
+        """
+        image_ids = self.setup.ids
+        result = sigmoid_block(
+            image_features=self.images,
+            text_features=texts.to(self.images.dtype),
+            logit_scale=self.scale,
+            logit_bias=self.bias,
+            diagonal_offset=None if image_ids is not None else diagonal_offset,
+            image_ids=image_ids,
+            text_ids=text_ids,
+            chunk=self.chunk,
+        )
+        self.loss += result.loss
+        self.grad_image += result.grad_image
+        self.grad_scale += result.grad_scale
+        self.grad_bias += result.grad_bias
+        return result
+
+
+def _lanes(implementation: str, world: int) -> list[tuple[int, int]]:
+    """(direction, hops) of each stream of blocks: +1 travels to rank r + 1, -1 to rank r - 1."""
+    hops = world - 1
+    if implementation == "bidirectional":
+        lanes = [(+1, math.ceil(hops / 2)), (-1, hops // 2)]
+    else:
+        lanes = [(+1, hops)]
+    return [(direction, count) for direction, count in lanes if count > 0]
+
+
+def _tag(lane: int, stream: int) -> int:
+    return 3 * lane + stream
+
+
+def _forward_lanes(setup: _Setup, blocks: _Blocks, texts, implementation, keep) -> tuple[torch.Tensor, list]:
+    """Two-pass forward: blocks travel along each lane; returns the own block's text gradient and, per lane, the
+    text gradients of the visiting blocks in the order they arrived (kept only when `keep`)."""
+    p2p = PointToPoint(setup.group, setup.stats, "forward")
+    lanes = _lanes(implementation, setup.world)
+    ids = setup.ids
+    current = [(texts, ids)] * len(lanes)
+    incoming = [None] * len(lanes)
+    works: list = []
+
+    def post_next(step: int) -> None:
+        # Forward what this rank holds on each lane and receive the next block, before computing the current one.
+        sends, recvs = [], []
+        for lane, (direction, hops) in enumerate(lanes):
+            if step > hops:
+                continue
+            block, block_ids = current[lane]
+            buffer = (torch.empty_like(texts), None if ids is None else torch.empty_like(ids))
+            incoming[lane] = buffer
+            sends.append((block, setup.peer(direction), _tag(lane, _TAG_BLOCK)))
+            recvs.append((buffer[0], setup.peer(-direction), _tag(lane, _TAG_BLOCK)))
+            if ids is not None:
+                sends.append((block_ids, setup.peer(direction), _tag(lane, _TAG_IDS)))
+                recvs.append((buffer[1], setup.peer(-direction), _tag(lane, _TAG_IDS)))
+        works[:] = p2p.post(sends, recvs)
+
+    post_next(1)
+    own_grad_text = blocks.add(texts, ids, diagonal_offset=0).grad_text
+    contributions: list[list[torch.Tensor]] = [[] for _ in lanes]
+    for step in range(1, max((hops for _, hops in lanes), default=0) + 1):
+        p2p.wait(works)
+        active = [lane for lane, (_, hops) in enumerate(lanes) if step <= hops]
+        for lane in active:
+            current[lane] = incoming[lane]
+        post_next(step + 1)
+        for lane in active:
+            result = blocks.add(*current[lane], diagonal_offset=None)
+            if keep:
+                contributions[lane].append(result.grad_text)
+    p2p.wait()
+    return own_grad_text, contributions
+
+
+def _backward_lanes(setup: _Setup, implementation: str, contributions: list, scale: torch.Tensor) -> torch.Tensor:
+    """Two-pass backward: send each visited block's gradient home against the direction it came, summed on the way.
+
+    On a lane of h hops the block received at step s belongs to rank r - direction * s. Its accumulator starts at the
+    last rank it visited and moves one hop back per step; at step j this rank adds its contribution for the block
+    it saw at step h - j + 1 to the accumulator coming from r + direction and passes it to r - direction. After h
+    steps the accumulator of this rank's own block has arrived. Returns the sum of those home accumulators.
+    """
+    p2p = PointToPoint(setup.group, setup.stats, "backward")
+    lanes = _lanes(implementation, setup.world)
+    received: list = [None] * len(lanes)
+    works: list = []
+    for step in range(1, max((hops for _, hops in lanes), default=0) + 1):
+        if step > 1:
+            p2p.wait(works)
+        sends, recvs = [], []
+        for lane, (direction, hops) in enumerate(lanes):
+            if step > hops:
+                continue
+            mine = contributions[lane][hops - step] * scale     # the block seen at forward step hops - step + 1
+            contributions[lane][hops - step] = None             # free it as soon as it has left
+            accumulator = mine if step == 1 else received[lane].add_(mine)   # the received buffer is ours
+            received[lane] = torch.empty_like(accumulator)
+            sends.append((accumulator, setup.peer(-direction), _tag(lane, _TAG_GRAD)))
+            recvs.append((received[lane], setup.peer(direction), _tag(lane, _TAG_GRAD)))
+        works = p2p.post(sends, recvs)
+    p2p.wait(works)
+    return sum(received[1:], received[0])
+
+
+def _forward_single_lap(setup: _Setup, blocks: _Blocks, texts: torch.Tensor, keep: bool) -> torch.Tensor:
+    """Single-lap forward: blocks travel to r + 1; each block's gradient accumulator follows one hop behind it.
+
+    At step s this rank holds the block of rank r - s. Its accumulator, holding the contributions of ranks
+    r - s + 1 .. r - 1, arrives from r - 1 while the block is being computed; this rank adds its own and passes it on.
+    The accumulator sent at step D - 1 reaches its owner r + 1 complete. Returns this rank's complete text gradient.
+    """
+    p2p = PointToPoint(setup.group, setup.stats, "forward")
+    hops, ids = setup.world - 1, setup.ids
+    nxt, prv = setup.peer(+1), setup.peer(-1)
+    acc_dtype = blocks.images.dtype
+
+    def block_ops(block, block_ids):
+        buffer = (torch.empty_like(texts), None if ids is None else torch.empty_like(ids))
+        sends = [(block, nxt, _TAG_BLOCK)]
+        recvs = [(buffer[0], prv, _TAG_BLOCK)]
+        if ids is not None:
+            sends.append((block_ids, nxt, _TAG_IDS))
+            recvs.append((buffer[1], prv, _TAG_IDS))
+        return sends, recvs, buffer
+
+    sends, recvs, incoming = block_ops(texts, ids)
+    block_works = p2p.post(sends, recvs)
+    own_grad_text = blocks.add(texts, ids, diagonal_offset=0).grad_text
+    grad_works, grad_in = [], None
+    for step in range(1, hops + 1):
+        p2p.wait(block_works)
+        current = incoming
+        # Post, before computing: forward this block if it has further to go and receive the next one; then receive
+        # the accumulator of the block arriving next (at the last step: of this rank's own block, coming home).
+        # Towards one peer the order is always block, ids, accumulator, on both sides, as NCCL's pairing needs.
+        block_works = []
+        if step < hops:
+            sends, recvs, incoming = block_ops(*current)
+            block_works = p2p.post(sends, recvs)
+        if keep:
+            arriving = torch.empty(texts.shape, dtype=acc_dtype, device=texts.device)
+            next_grad_works = p2p.post(recvs=[(arriving, prv, _TAG_GRAD)])
+        contribution = blocks.add(*current, diagonal_offset=None).grad_text
+        if keep:
+            if step > 1:
+                p2p.wait(grad_works)                       # the accumulator of `current`, from rank r - 1
+                accumulator = grad_in.add_(contribution)   # in place: the buffer is ours until it is sent
+            else:
+                accumulator = contribution                # this rank is the block's first visitor
+            p2p.post(sends=[(accumulator, nxt, _TAG_GRAD)])
+            grad_works, grad_in = next_grad_works, arriving
+        del contribution
+    p2p.wait(grad_works)
+    return own_grad_text.add_(grad_in) if keep and hops > 0 else own_grad_text
+
+
+def _forward_all_gather(setup: _Setup, blocks: _Blocks, texts: torch.Tensor, keep: bool) -> torch.Tensor | None:
+    """All-gather forward: every text row of the group in one block; returns its (D n, d) gradient if `keep`."""
+    all_texts = all_gather_rows(texts, setup.group, setup.stats, "forward")
+    all_ids = None if setup.ids is None else all_gather_rows(setup.ids, setup.group, setup.stats, "forward")
+    # The rank's own texts sit at rows [r n, (r + 1) n) of the gathered block.
+    result = blocks.add(all_texts, all_ids, diagonal_offset=setup.rank * setup.n)
+    return result.grad_text if keep else None
+
+
+class _RingSigmoid(torch.autograd.Function):
+    """Forward: the chosen exchange with the kernel on each block. Backward: scale, and for the two-pass variants
+    send the visiting blocks' gradients home (all_gather: reduce-scatter them)."""
+
+    @staticmethod
+    def forward(ctx, image_features, text_features, logit_scale, logit_bias, setup, implementation, chunk):  # noqa: D401
+        acc = accumulation_dtype(image_features.dtype)
+        blocks = _Blocks(
+            setup, image_features.to(acc).contiguous(),
+            float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(())), chunk,
+        )
+        texts = text_features.contiguous()
+        keep = setup.needs_grad
+        saved_text, contributions = None, None
+        if setup.world == 1:
+            # A group of one: the rank's own block is the whole batch, and nothing travels.
+            implementation = "single_lap"
+            saved_text = blocks.add(texts, setup.ids, diagonal_offset=0).grad_text
+        elif implementation == "single_lap":
+            saved_text = _forward_single_lap(setup, blocks, texts, keep)
+        elif implementation == "all_gather":
+            saved_text = _forward_all_gather(setup, blocks, texts, keep)
+        else:
+            saved_text, contributions = _forward_lanes(setup, blocks, texts, implementation, keep)
+        ctx.setup, ctx.implementation, ctx.contributions = setup, implementation, contributions
+        ctx.shapes = (logit_scale.shape, logit_bias.shape)
+        ctx.dtypes = (image_features.dtype, text_features.dtype, logit_scale.dtype, logit_bias.dtype)
+        if keep:
+            ctx.save_for_backward(blocks.grad_image, saved_text, blocks.grad_scale, blocks.grad_bias)
+        return blocks.loss / setup.n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        setup = ctx.setup
+        grad_image, saved_text, grad_scale, grad_bias = ctx.saved_tensors
+        # Every stored sum is a gradient of S_r; the returned value is S_r / n.
+        scale = grad_output.to(grad_image.dtype) / setup.n
+        if ctx.implementation == "single_lap":
+            grad_text = saved_text * scale
+        elif ctx.implementation == "all_gather":
+            grad_text = reduce_scatter_rows(saved_text * scale, setup.group, setup.stats, "backward")
+        else:
+            if ctx.contributions is None:
+                raise RuntimeError(
+                    f"the {ctx.implementation} ring frees the visiting blocks' gradients as they travel home, so its "
+                    "backward runs once; use ring='single_lap' to back-propagate through one loss several times"
+                )
+            contributions, ctx.contributions = ctx.contributions, None
+            grad_text = saved_text * scale + _backward_lanes(setup, ctx.implementation, contributions, scale)
+        image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
+        scale_shape, bias_shape = ctx.shapes
+        return (
+            (grad_image * scale).to(image_dtype),
+            grad_text.to(text_dtype),
+            (grad_scale * scale).to(scale_dtype).reshape(scale_shape),
+            (grad_bias * scale).to(bias_dtype).reshape(bias_shape),
+            None,
+            None,
+            None,
+        )
