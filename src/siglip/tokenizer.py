@@ -1,0 +1,217 @@
+"""The tokenizer and processor: a BPE trained on captions, saved inside a `SiglipProcessor`.
+
+The processor (tokenizer + image processor) is saved beside the model, so that `AutoProcessor.from_pretrained`
+and `transformers.pipeline("zero-shot-image-classification", model=DIR)` tokenise and resize exactly as training
+did. Two conventions make that hold (see `siglip.model` for the model side):
+
+- every caption is padded to the full `max_length` on the LEFT and ends with the end token `</s>`, so the last
+  position, which SigLIP's text tower pools, always holds `</s>` (transformers issue #39269: with right padding
+  the pooled token is a pad);
+- the tokenizer returns an attention mask, so the pipeline masks pad keys as `siglip.model.encode_texts` does.
+  With pads masked and every caption's tokens ending at the last position, the pipeline's 64-token padding and
+  a shorter training length give the same embedding (`siglip.model` explains the position alignment); with
+  max_length = 64 a hand-written `processor(text, padding="max_length")` call matches too.
+
+The alphabet is the corpus's characters (the most frequent ones, if there are more than the vocabulary holds);
+a character never seen in training becomes `<unk>`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, SiglipProcessor
+
+from siglip.errors import UserError
+from siglip.model import EOS_TOKEN_ID, PAD_TOKEN_ID, PIPELINE_TEXT_LENGTH
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+"""In id order: `<pad>` = 0, `</s>` = 1 (`siglip.model.PAD_TOKEN_ID`, `EOS_TOKEN_ID`), `<unk>` = 2."""
+
+MIN_VOCAB_SIZE = 16
+"""The special tokens and a minimal alphabet."""
+
+MAX_TRAINING_CAPTIONS = 200_000
+"""More captions than this are subsampled (seeded) before BPE training, which keeps training to seconds."""
+
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+"""SigLIP's pixel normalisation: [0, 255] -> [-1, 1]."""
+
+
+def train_tokenizer(
+    captions: list[str], *, vocab_size: int, max_length: int = PIPELINE_TEXT_LENGTH, seed: int = 0
+) -> PreTrainedTokenizerFast:
+    """A BPE tokenizer trained on `captions`: lower-cased, left-padded to `max_length`, every caption ending in </s>.
+
+    Args:
+        captions: training text; duplicates count (BPE merges frequent pairs first).
+        vocab_size: at most this many tokens (3 special tokens, the alphabet, merges); a small corpus may yield
+            fewer: size the model with `len(tokenizer)`.
+        max_length: tokens per caption after padding and truncation (at most 64, the pipeline's length, for the
+            zero-shot pipeline to reproduce training exactly).
+        seed: picks the subsample when there are more than `MAX_TRAINING_CAPTIONS` captions.
+
+    Returns:
+        A `PreTrainedTokenizerFast`; the same captions and seed give the same tokenizer (BPE training breaks
+        ties deterministically).
+    """
+    captions = [caption for caption in captions if caption and caption.strip()]
+    if not captions:
+        raise UserError("train_tokenizer got no non-empty captions; check the data source's caption_corpus")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
+    if max_length < 2:
+        raise UserError(f"max_length must be at least 2 (a token and </s>), got {max_length}")
+    if len(captions) > MAX_TRAINING_CAPTIONS:
+        captions = random.Random(seed).sample(captions, MAX_TRAINING_CAPTIONS)
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Lower case: class names in prompts ("Red") and captions ("red") should meet as the same tokens.
+    backend.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    # Words keep their leading-space marker (as in SentencePiece); punctuation stands apart from words.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Punctuation()])
+    backend.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        limit_alphabet=vocab_size - len(SPECIAL_TOKENS),   # so the alphabet alone never exceeds the vocabulary
+        show_progress=False,
+    )
+    backend.train_from_iterator(captions, trainer)
+    if backend.token_to_id("<pad>") != PAD_TOKEN_ID or backend.token_to_id("</s>") != EOS_TOKEN_ID:
+        raise RuntimeError("BPE training did not put <pad>, </s> at ids 0, 1; siglip.model relies on them")
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", EOS_TOKEN_ID)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+        truncation_side="right",
+        model_max_length=max_length,
+        # SiglipModel takes no token_type_ids; the mask lets the pipeline mask pads as training does.
+        model_input_names=["input_ids", "attention_mask"],
+    )
+
+
+def load_tokenizer(directory: str, *, max_length: int = PIPELINE_TEXT_LENGTH) -> PreTrainedTokenizerBase:
+    """A tokenizer saved earlier (ours, or another fast tokenizer), set up to pad on the left to `max_length`.
+
+    `directory` may be a tokenizer directory, a model directory with processor files, or a `siglip train` DIR.
+    The tokenizer must define a pad token. Use `len(tokenizer)` and `tokenizer.pad_token_id` for `build_model`.
+    """
+    from transformers import AutoTokenizer
+
+    if not os.path.isdir(directory):
+        raise UserError(f"tokenizer directory {directory!r} does not exist")
+    final = os.path.join(directory, "final")
+    if not _holds_processor(directory) and _holds_processor(final):
+        directory = final
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"cannot load a tokenizer from {directory!r}: {error}") from error
+    if tokenizer.pad_token_id is None:
+        raise UserError(f"the tokenizer in {directory!r} has no pad token; set one (tokenizer.pad_token = ...)")
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = max_length
+    tokenizer.model_input_names = ["input_ids", "attention_mask"]
+    return tokenizer
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    image_size: int,
+    image_mean: tuple[float, float, float] = SIGLIP_MEAN,
+    image_std: tuple[float, float, float] = SIGLIP_STD,
+) -> SiglipProcessor:
+    """A `SiglipProcessor`: `tokenizer` plus an image processor that resizes (bicubic) to image_size x image_size
+    pixels, scales to [0, 1] and normalises by `image_mean` / `image_std` (SigLIP's: to [-1, 1])."""
+    if image_size < 1:
+        raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
+    try:  # transformers 5 names the PIL implementation apart from the torchvision one (torchvision is absent here)
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil as ImageProcessor
+    except ImportError:  # transformers 4.x: SiglipImageProcessor is the PIL one
+        from transformers import SiglipImageProcessor as ImageProcessor
+    image_processor = ImageProcessor(
+        size={"height": image_size, "width": image_size}, image_mean=list(image_mean), image_std=list(image_std)
+    )
+    return SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "config.json")
+
+
+def load_processor(directory: str) -> SiglipProcessor:
+    """The processor saved in a directory: processor files alone, a model directory (a DIR/final, a HF checkpoint),
+    or a `siglip train` DIR (its DIR/final is used)."""
+    from transformers import AutoProcessor
+
+    if not os.path.isdir(directory):
+        raise UserError(f"processor directory {directory!r} does not exist")
+    final = os.path.join(directory, "final")
+    if not _holds_processor(directory) and _holds_processor(final):
+        directory = final
+    try:
+        return AutoProcessor.from_pretrained(directory)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise UserError(f"cannot load the processor files in {directory!r}: {error}") from error
+
+
+def _holds_processor(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in PROCESSOR_FILES)
+
+
+def text_length(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Tokens per caption: the tokenizer's declared length when it pads on the left; otherwise (and where it
+    declares none) the pipeline's 64, because a right-padded caption matches the pipeline only at full length."""
+    declared = tokenizer.model_max_length
+    if tokenizer.padding_side != "left" or not declared or declared > 100_000:
+        return PIPELINE_TEXT_LENGTH
+    return int(declared)
+
+
+def tokenize(processor: SiglipProcessor, captions: list[str]) -> torch.Tensor:
+    """Captions -> (n, L) int64 token ids, padded and truncated to the full length exactly as the pipeline does."""
+    tokenizer = processor.tokenizer
+    encoded = tokenizer(
+        list(captions), padding="max_length", max_length=text_length(tokenizer), truncation=True, return_tensors="pt"
+    )
+    return encoded["input_ids"].long()
+
+
+class TextTransform:
+    """Picklable caption -> (L,) int64 token ids; L = the tokenizer's full length. Runs in DataLoader workers."""
+
+    def __init__(self, processor: SiglipProcessor):
+        self.tokenizer = processor.tokenizer
+        self.length = text_length(self.tokenizer)
+
+    def __call__(self, caption: str) -> torch.Tensor:
+        ids = self.tokenizer(caption, padding="max_length", max_length=self.length, truncation=True)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+
+class ImageTransform:
+    """Picklable PIL image -> (3, S, S) float32 pixel values, through the processor's own image processor."""
+
+    def __init__(self, processor: SiglipProcessor):
+        self.image_processor = processor.image_processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def text_transform(processor: SiglipProcessor) -> TextTransform:
+    """The caption transform for `siglip.data.make_train_loader`: caption -> input_ids (L,) int64."""
+    return TextTransform(processor)
+
+
+def image_transform(processor: SiglipProcessor) -> ImageTransform:
+    """The image transform for `siglip.data.make_train_loader`: PIL image -> pixel_values (3, S, S) float32."""
+    return ImageTransform(processor)

@@ -1,0 +1,122 @@
+"""The tokenizer and processor: deterministic training, full-length left padding ending in </s>, round trips."""
+
+from __future__ import annotations
+
+import pickle
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from siglip.errors import UserError
+from siglip.model import EOS_TOKEN_ID, PAD_TOKEN_ID
+from siglip.tokenizer import (
+    build_processor,
+    image_transform,
+    load_processor,
+    load_tokenizer,
+    text_transform,
+    tokenize,
+    train_tokenizer,
+)
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "white"]
+SHAPES = ["circle", "square", "triangle", "star", "cross"]
+
+
+def random_captions(count: int, rng: random.Random) -> list[str]:
+    words = lambda: f"{rng.choice(['a', 'one', 'the'])} {rng.choice(['small', 'large'])} {rng.choice(COLORS)} " \
+                    f"{rng.choice(SHAPES)}"  # noqa: E731
+    return [words() if rng.random() < 0.6 else f"{words()} and {words()}" for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def captions():
+    return random_captions(2000, random.Random())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(captions):
+    return train_tokenizer(captions, vocab_size=200, max_length=16, seed=0)
+
+
+def test_training_is_deterministic(captions, tokenizer):
+    again = train_tokenizer(list(captions), vocab_size=200, max_length=16, seed=0)
+    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert len(tokenizer) <= 200
+    # Frequent words become single tokens: the corpus's own words are learnt, not spelled out.
+    assert tokenizer.tokenize("red circle") == ["▁red", "▁circle"]
+
+
+def test_captions_are_left_padded_to_full_length_and_end_in_the_end_token(tokenizer, captions):
+    processor = build_processor(tokenizer, image_size=32)
+    to_ids = text_transform(processor)
+    long_caption = " and ".join(captions[:10])                         # far more than 16 tokens: truncated
+    for caption in [*captions[:20], "Red", "o", long_caption]:
+        ids = to_ids(caption)
+        assert ids.dtype == torch.int64 and ids.shape == (16,)
+        assert ids[-1] == EOS_TOKEN_ID                                 # the pooled position holds </s>
+        is_pad = ids == PAD_TOKEN_ID
+        real = int((~is_pad).sum())
+        assert is_pad[:16 - real].all() and not is_pad[16 - real:].any()   # pads only on the left
+        if caption is not long_caption:
+            assert tokenizer.decode(ids, skip_special_tokens=True).strip() == caption.lower()
+    truncated = tokenizer.decode(to_ids(long_caption), skip_special_tokens=True).strip()
+    assert long_caption.lower().startswith(truncated) and len(truncated) < len(long_caption)
+    # The batch helper used in evaluation gives the same ids as the per-caption transform of the loader.
+    batch = tokenize(processor, captions[:5])
+    assert torch.equal(batch, torch.stack([to_ids(caption) for caption in captions[:5]]))
+
+
+def test_unseen_characters_become_unk_and_small_vocabularies_work():
+    tokenizer = train_tokenizer(["ab ab ba", "abba"] * 10, vocab_size=16, max_length=8)
+    assert len(tokenizer) <= 16
+    ids = tokenizer("ab zq")["input_ids"]
+    assert tokenizer.unk_token_id in ids and ids[-1] == EOS_TOKEN_ID
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(UserError, match="no non-empty captions"):
+        train_tokenizer(["", "  "], vocab_size=100, max_length=16)
+    with pytest.raises(UserError, match="vocab_size must be at least 16, got 5"):
+        train_tokenizer(["a b"], vocab_size=5, max_length=16)
+    with pytest.raises(UserError, match="does not exist"):
+        load_tokenizer("/nonexistent/tokenizer")
+
+
+def test_processor_round_trip_tokenises_and_resizes_alike(tmp_path, tokenizer, captions):
+    processor = build_processor(tokenizer, image_size=24)
+    processor.save_pretrained(tmp_path / "final")
+    loaded = load_processor(str(tmp_path))                              # a train DIR resolves to DIR/final
+    image = Image.fromarray(torch.randint(0, 256, (37, 29, 3), dtype=torch.uint8).numpy())
+    assert torch.equal(image_transform(loaded)(image), image_transform(processor)(image))
+    for caption in captions[:20]:
+        assert torch.equal(text_transform(loaded)(caption), text_transform(processor)(caption))
+    assert loaded.tokenizer.padding_side == "left" and loaded.tokenizer.model_max_length == 16
+    # What the zero-shot pipeline asks the saved tokenizer for: 64 tokens, with an attention mask.
+    piped = loaded.tokenizer(captions[:3], padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    assert set(piped) == {"input_ids", "attention_mask"}
+    assert torch.equal(piped["input_ids"][:, -16:], tokenize(processor, captions[:3]))
+    assert torch.equal(piped["attention_mask"].bool(), piped["input_ids"] != PAD_TOKEN_ID)
+    # A tokenizer directory can be reused instead of training a new one.
+    reused = load_tokenizer(str(tmp_path), max_length=16)
+    assert reused.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+
+
+def test_image_transform_resizes_and_maps_pixels_to_minus_one_one(tokenizer):
+    processor = build_processor(tokenizer, image_size=16)
+    colour = torch.randint(0, 256, (3,))
+    image = Image.new("RGB", (int(torch.randint(5, 60, ())), int(torch.randint(5, 60, ()))), tuple(colour.tolist()))
+    pixels = image_transform(processor)(image)
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
+    want = (colour.float() / 255 - 0.5) / 0.5                            # SigLIP's normalisation
+    assert torch.allclose(pixels, want[:, None, None].expand(3, 16, 16), atol=1e-5)
+
+
+def test_transforms_pickle_for_dataloader_workers(tokenizer, captions):
+    processor = build_processor(tokenizer, image_size=16)
+    image = Image.new("RGB", (20, 20), (10, 200, 30))
+    for transform, value in ((text_transform(processor), captions[0]), (image_transform(processor), image)):
+        copy = pickle.loads(pickle.dumps(transform))
+        assert torch.equal(copy(value), transform(value))
