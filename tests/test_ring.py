@@ -93,7 +93,7 @@ def test_single_lap_backward_needs_no_peer(reports):
 
 
 def test_unequal_local_batches_raise_on_every_rank(reports):
-    _assert_reports(reports, "disagreement", 3 * 5)
+    _assert_reports(reports, "disagreement", 3 * 7)
 
 
 def test_ddp_step_equals_one_process_step_on_the_global_batch(reports):
@@ -403,6 +403,14 @@ def _disagreement_checks(rank, size, group, member, check):
     leaf = x3.clone().requires_grad_(not last)
     check(f"disagreement needs_grad D={size}",
           _expect_value_error, lambda: sigmoid_loss(leaf, x3, t, b, group, ring="two_pass"), "same needs_grad")
+    # One rank's own input is invalid: that rank raises its own error, its peers learn of it instead of waiting.
+    bad_scale = torch.tensor(float("nan"), dtype=torch.float64) if last else t
+    check(f"disagreement invalid input sigmoid D={size}",
+          _expect_value_error, lambda: sigmoid_loss(x3, x3, bad_scale, b, group),
+          "logit_scale must be finite" if last else "passed invalid input")
+    check(f"disagreement invalid input softmax D={size}",
+          _expect_value_error, lambda: softmax_loss(x3, x3 if not last else x3[:2], t, group),
+          "must have the same shape" if last else "passed invalid input")
 
 
 class TwoTower(torch.nn.Module):

@@ -11,12 +11,15 @@ is world_size times the global gradient (DistributedDataParallel's mean then giv
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from siglip.kernels import BACKENDS
 from siglip.tiled import TiledSigmoidLoss
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -32,6 +35,7 @@ def sigmoid_loss(
     positive_ids: torch.Tensor | None = None,
     chunk: int | None = None,
     ring: str = "auto",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """SigLIP's loss: -(1/n) sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)), never building the n x n matrix.
 
@@ -46,24 +50,30 @@ def sigmoid_loss(
             None means the identity labels (z_ii = +1, z_ij = -1 otherwise).
         chunk: image rows per tile; None picks one automatically.
         ring: which ring implementation runs under a group ("auto" picks the fastest measured).
+        backend: the single-device kernel: "torch", "cpu_fused" (CPU, float32 arithmetic), "triton" (CUDA) or
+            "auto", the fastest for the features' device and dtype (see `siglip.kernels`).
 
     Returns:
         0-d tensor: this rank's share of the loss divided by n (float32 for 16-bit inputs; float64 stays float64).
     """
-    _check_features(image_features, text_features)
-    _check_scalar("logit_scale", logit_scale, image_features.device)
-    _check_scalar("logit_bias", logit_bias, image_features.device)
-    _check_ids(positive_ids, image_features)
-    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
-    if _world_size(group) > 1:
+    world = _world_size(group)
+    with _invalid_input_stops_every_rank("sigmoid_loss", group, world, image_features):
+        _check_features(image_features, text_features)
+        _check_scalar("logit_scale", logit_scale, image_features.device)
+        _check_scalar("logit_bias", logit_bias, image_features.device)
+        _check_ids(positive_ids, image_features)
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"chunk must be a positive integer or None, got {chunk!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if world > 1:
         from siglip import ring as ring_module
 
         return ring_module.ring_sigmoid_loss(
             image_features, text_features, logit_scale, logit_bias, group,
             positive_ids=positive_ids, chunk=chunk, implementation=ring,
         )
-    return TiledSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, positive_ids, chunk)
+    return TiledSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, positive_ids, chunk, backend)
 
 
 def softmax_loss(
@@ -86,10 +96,12 @@ def softmax_loss(
     Returns:
         0-d tensor: this rank's share of the loss divided by n (float32 for 16-bit inputs).
     """
-    _check_features(image_features, text_features)
-    _check_scalar("logit_scale", logit_scale, image_features.device)
-    _check_ids(positive_ids, image_features)
-    if _world_size(group) > 1:
+    world = _world_size(group)
+    with _invalid_input_stops_every_rank("softmax_loss", group, world, image_features):
+        _check_features(image_features, text_features)
+        _check_scalar("logit_scale", logit_scale, image_features.device)
+        _check_ids(positive_ids, image_features)
+    if world > 1:
         from siglip import ring as ring_module
 
         return ring_module.gathered_softmax_loss(
@@ -176,6 +188,25 @@ class SigmoidLoss(nn.Module):
             image_features, text_features, self.logit_scale, self.logit_bias, group,
             positive_ids=positive_ids, chunk=self.chunk,
         )
+
+
+@contextlib.contextmanager
+def _invalid_input_stops_every_rank(what: str, group, world: int, image_features) -> Iterator[None]:
+    """Under a group, a ValueError on one rank must reach its peers, who would otherwise wait in the ring forever."""
+    try:
+        yield
+    except ValueError as error:
+        if world > 1:
+            from siglip import ring as ring_module
+
+            device = image_features.device if isinstance(image_features, torch.Tensor) else _group_device(group)
+            ring_module.join_agreement_after_invalid_input(what, group, device, error)
+        raise
+
+
+def _group_device(group) -> torch.device:
+    backend = torch.distributed.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def _world_size(group: torch.distributed.ProcessGroup | None) -> int:

@@ -198,7 +198,7 @@ class _Setup:
     shared: list[dict[str, int]] = field(default_factory=list)
     needs_grad: bool = True
 
-    FIELDS = ("n", "d", "dtype", "positive_ids", "implementation", "needs_grad")
+    FIELDS = ("valid", "n", "d", "dtype", "positive_ids", "implementation", "needs_grad")
 
     @classmethod
     def agree(cls, what, image_features, positive_ids, group, stats, *, code, needs_grad) -> _Setup:
@@ -210,12 +210,13 @@ class _Setup:
             setup.shared = [{"needs_grad": int(needs_grad)}]
             return setup
         fields = dict(
-            n=n, d=d, dtype=DTYPE_CODES.index(image_features.dtype),
+            valid=1, n=n, d=d, dtype=DTYPE_CODES.index(image_features.dtype),
             # 0 without ids, else their element size: ids of another integer width would not fit the receive buffers
             positive_ids=0 if positive_ids is None else positive_ids.element_size(),
             implementation=code, needs_grad=needs_grad,
         )
         setup.shared = agree_across_ranks(group, fields, image_features.device, stats)
+        _raise_if_a_rank_failed_validation(setup.shared, what)
         require_agreement(setup.shared, "n", what, "split the global batch evenly across ranks (drop the remainder)")
         require_agreement(setup.shared, "d", what, "every rank must use the same model")
         require_agreement(setup.shared, "dtype", what, "cast the features to one dtype on every rank")
@@ -226,9 +227,36 @@ class _Setup:
         require_agreement(setup.shared, "implementation", what, f"call the same loss and ring on every rank {names}")
         return setup
 
+    @classmethod
+    def join_invalid(cls, what: str, group: dist.ProcessGroup, device: torch.device, error: ValueError) -> None:
+        """Take part in the agreement for a rank whose input failed validation, then raise on every rank.
+
+        Without this, the other ranks would wait in the agreement's all-gather for this one until the timeout.
+        """
+        fields = dict.fromkeys(cls.FIELDS, 0)
+        shared = agree_across_ranks(group, fields, device)
+        _raise_if_a_rank_failed_validation(shared, what, own_error=error)
+
     def peer(self, offset: int) -> int:
         """The rank `offset` steps along the ring (negative: against it)."""
         return (self.rank + offset) % self.world
+
+
+def _raise_if_a_rank_failed_validation(
+    shared: list[dict[str, int]], what: str, own_error: ValueError | None = None
+) -> None:
+    failed = [rank for rank, row in enumerate(shared) if not row["valid"]]
+    if own_error is not None:
+        raise own_error
+    if failed:
+        raise ValueError(f"{what}: rank(s) {failed} passed invalid input (their error names it); every rank stops")
+
+
+def join_agreement_after_invalid_input(
+    what: str, group: dist.ProcessGroup, device: torch.device, error: ValueError
+) -> None:
+    """For `siglip.loss`: a rank whose local validation failed joins its peers' agreement and raises `error`."""
+    _Setup.join_invalid(what, group, device, error)
 
 
 class _Blocks:
