@@ -25,6 +25,20 @@ def reference_sigmoid_loss(x, y, t, b, positive_ids=None) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(z * logits).sum() / n
 
 
+def scalar_gradient_scales(x, y, t, b, positive_ids=None) -> tuple[float, float]:
+    """The size of the sums behind d loss / d t and d loss / d b: (1/n) sum_ij |g_ij s_ij| and (1/n) sum_ij |g_ij|.
+
+    Both gradients are sums of n^2 terms of either sign that can cancel to far below any one term; rounding error
+    is relative to these magnitudes, not to the (possibly tiny) result.
+    """
+    n = x.shape[0]
+    s = x.double() @ y.double().t()
+    z = label_matrix(n, image_ids=positive_ids, text_ids=positive_ids)
+    logits = t.double().reshape(()) * s + b.double().reshape(())
+    g = -z * torch.sigmoid(-z * logits)
+    return (g * s).abs().sum().item() / n, g.abs().sum().item() / n
+
+
 def reference_softmax_loss(x, y, t, positive_ids=None) -> torch.Tensor:
     """CLIP: the mean of the two cross-entropies, targets spread uniformly over each row's positives."""
     n = x.shape[0]

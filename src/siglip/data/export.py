@@ -1,22 +1,28 @@
-"""`siglip data export` and `siglip data inspect`: write any source as WebDataset shards, or describe it.
+"""`siglip data export`, `inspect` and `bench`: write any source as WebDataset shards, describe it, time it.
 
     siglip data export --data shapes --out data/shapes --shard-size 1000 --count 5000
     siglip data inspect --data data/shapes/train-{000000..000004}.tar
+    siglip data bench --data shapes,shapes-shards,shapes-csv --workers 0,1,2 --models tiny,small
 
 Export writes samples as `{position:09d}.jpg` (or .png), `.txt` (the caption), `.cls` (the label of one zero-shot
 task, when the sample has it) and `.json` (the original key and all labels), `--shard-size` samples a shard, and
-the task's class names as `classes.txt` beside the shards, where reading them back finds them.
+the task's class names as `classes.txt` beside the shards, where reading them back finds them. `write_image_table`
+writes the same samples as image files and a CSV table instead (the bench's CSV source; no CLI action of its own).
+The bench itself lives in `siglip.data.throughput`, imported only when asked for.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import os
+from collections.abc import Iterable
 
 from siglip.data import SPLITS, open_source
-from siglip.data.sample import BadSample, BadSampleLog
+from siglip.data.sample import BadSample, BadSampleLog, Sample
+from siglip.data.throughput import add_bench_arguments  # its flags only; the bench's imports wait for its run
 from siglip.errors import UserError
 
 
@@ -41,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--count", type=int, default=5, help="training samples to show (default 5)")
     inspect.add_argument("--seed", type=int, default=0, help="the source's seed (default 0)")
     inspect.set_defaults(action_run=run_inspect)
+    bench = actions.add_parser("bench", help="time the training loader of each source against the training step",
+                               description="Loader throughput (samples/s through make_train_loader: read, decode, "
+                               "transform, collate) of each source and DataLoader worker count, against the samples/s "
+                               "of the training step (forward, backward and AdamW, sigmoid loss) of each model at the "
+                               "same batch: does the loader keep up with the step, or starve it?")
+    bench.set_defaults(action_run=run_bench)
+    add_bench_arguments(bench)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,40 +61,103 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    import webdataset
-
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {args.shard_size}")
     if not 1 <= args.quality <= 95:
         raise UserError(f"--quality must lie in 1 ... 95, got {args.quality}")
     source = open_source(args.data, split=args.split, seed=args.seed, strict=args.strict, image_size=args.image_size)
     task = _label_task(source, args.task)
-    samples = _samples(source, args.split, args.count)
-    os.makedirs(args.out, exist_ok=True)
+    report = write_shards(_samples(source, args.split, args.count), args.out, prefix=args.split,
+                          shard_size=args.shard_size, task=task,
+                          class_names=source.tasks[task] if task is not None else None,
+                          image_format=args.format, quality=args.quality, strict=args.strict)
+    print(json.dumps(report))
+    return 0
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from siglip.data.throughput import run_bench as bench
+
+    return bench(args)
+
+
+def write_shards(samples: Iterable[Sample | BadSample], out: str, *, prefix: str = "train", shard_size: int = 1000,
+                 task: str | None = None, class_names: list[str] | None = None, image_format: str = "jpg",
+                 quality: int = 95, strict: bool = False) -> dict:
+    """Write samples as WebDataset shards `out/{prefix}-000000.tar`, ..., `shard_size` samples a shard.
+
+    samples: the samples in order; a BadSample in their place is counted (or raised, when `strict`).
+    task, class_names: the zero-shot task whose label goes to `.cls`, and its class names (written to
+        `out/classes.txt`); None writes neither.
+    Returns {"samples": written, "shards": count, "pattern": brace pattern of the shards, "task": task,
+    "skipped": {kind: count}}: what `siglip data export` prints.
+    """
+    import webdataset
+
+    os.makedirs(out, exist_ok=True)
     log, written = BadSampleLog(), 0
-    pattern = os.path.join(args.out, f"{args.split}-%06d.tar")
-    with webdataset.ShardWriter(pattern, maxcount=args.shard_size, verbose=0) as writer:
+    pattern = os.path.join(out, f"{prefix}-%06d.tar")
+    with webdataset.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer:
         for sample in samples:
             if isinstance(sample, BadSample):
-                if args.strict:
+                if strict:
                     raise sample
                 log.record(sample)
                 continue
             record = {"__key__": f"{written:09d}", "txt": sample.caption,
-                      args.format: _encode(sample.image, args.format, args.quality),
+                      image_format: _encode(sample.image, image_format, quality),
                       "json": json.dumps({"key": sample.key, "labels": sample.labels})}
             if task is not None and task in sample.labels:
                 record["cls"] = str(sample.labels[task])
             writer.write(record)
             written += 1
         shards = writer.shard
-    if task is not None:
-        with open(os.path.join(args.out, "classes.txt"), "w", encoding="utf-8") as handle:
-            handle.write("".join(f"{name}\n" for name in source.tasks[task]))
+    if task is not None and class_names is not None:
+        _write_classes(out, class_names)
     last = max(shards - 1, 0)
-    print(json.dumps({"samples": written, "shards": shards, "pattern": os.path.join(
-        args.out, f"{args.split}-{{{0:06d}..{last:06d}}}.tar"), "task": task, "skipped": dict(log.counts)}))
-    return 0
+    return {"samples": written, "shards": shards, "pattern": os.path.join(out, f"{prefix}-{{{0:06d}..{last:06d}}}.tar"),
+            "task": task, "skipped": dict(log.counts)}
+
+
+def write_image_table(samples: Iterable[Sample | BadSample], out: str, *, name: str = "pairs.csv",
+                      task: str | None = None, class_names: list[str] | None = None, image_format: str = "jpg",
+                      quality: int = 95, strict: bool = False) -> dict:
+    """Write samples as image files `out/images/{position:09d}.jpg` and a table `out/{name}` that lists them.
+
+    The table (.csv or .tsv by `name`'s suffix) has the columns `filepath` (relative to `out`, as a table source
+    reads it), `caption` and, when `task` is given, `label` (the class index); the class names go to
+    `out/classes.txt`. BadSamples among `samples` are counted (or raised, when `strict`).
+    Returns {"samples": written, "path": the table's path, "task": task, "skipped": {kind: count}}.
+    """
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix not in (".csv", ".tsv"):
+        raise UserError(f"name must end in .csv or .tsv, got {name!r}")
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    log, written = BadSampleLog(), 0
+    path = os.path.join(out, name)
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        table = csv.writer(handle, delimiter="\t" if suffix == ".tsv" else ",")
+        table.writerow(["filepath", "caption"] + (["label"] if task is not None else []))
+        for sample in samples:
+            if isinstance(sample, BadSample):
+                if strict:
+                    raise sample
+                log.record(sample)
+                continue
+            relative = f"images/{written:09d}.{image_format}"
+            with open(os.path.join(out, relative), "wb") as image_file:
+                image_file.write(_encode(sample.image, image_format, quality))
+            label = [sample.labels.get(task, "")] if task is not None else []
+            table.writerow([relative, sample.caption, *label])
+            written += 1
+    if task is not None and class_names is not None:
+        _write_classes(out, class_names)
+    return {"samples": written, "path": path, "task": task, "skipped": dict(log.counts)}
+
+
+def _write_classes(out: str, class_names: list[str]) -> None:
+    with open(os.path.join(out, "classes.txt"), "w", encoding="utf-8") as handle:
+        handle.write("".join(f"{name}\n" for name in class_names))
 
 
 def run_inspect(args: argparse.Namespace) -> int:

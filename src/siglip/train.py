@@ -1,0 +1,973 @@
+"""`siglip train`: the training loop. It wires parts defined elsewhere and defines none of them.
+
+    data (siglip.data) -> tokenizer and processor (siglip.tokenizer) -> SiglipModel (siglip.model)
+    -> loss (siglip.loss: sigmoid through the tiled kernel or the ring, softmax through an all-gather)
+    -> AdamW with warm-up and cosine decay (siglip.optim) -> checkpoints and the final export (siglip.checkpoint)
+    -> evaluation (siglip.evaluate), metrics.jsonl, TensorBoard, plots (siglip.plots)
+
+Several processes (torchrun): each rank loads its own contiguous slice of the global batch, the sigmoid loss runs
+the ring over the default group, and DistributedDataParallel averages the gradients. The losses return each rank's
+share normalised by its local batch, so that average is exactly the gradient of the global-batch loss.
+
+Resuming (`--resume`) restores the model, optimiser, scheduler, data position and RNG states of the newest
+checkpoint; on the CPU a resumed run ends bitwise equal to an uninterrupted one (tests/test_train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import time
+import types
+import typing
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from siglip import checkpoint as ckpt
+from siglip.errors import UserError
+
+LOSSES = ("sigmoid", "softmax")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Saved inside every checkpoint; each field is also a CLI flag."""
+
+    data: str = "shapes"
+    """Training source: shapes, digits, a WebDataset shard pattern, or a .csv/.tsv/.jsonl file."""
+    model: str = "tiny"
+    """Model preset of siglip.model.PRESETS (tiny, small, base)."""
+    loss: str = "sigmoid"
+    """sigmoid (SigLIP, pairwise) or softmax (CLIP)."""
+    batch_size: int = 256
+    """Global contrastive batch, split evenly across ranks (must be divisible by the number of processes)."""
+    steps: int = 1000
+    """Optimiser updates in the whole run."""
+    lr: float = 1e-3
+    """Peak learning rate, reached at the end of the warm-up."""
+    seed: int = 0
+    """Seeds the model's initialisation, the data order and the tokenizer."""
+    device: str = "auto"
+    """cpu, cuda, or auto (cuda when available). Under torchrun each rank takes cuda:LOCAL_RANK."""
+    out: str = "runs/train"
+    """Run directory: metrics.jsonl, tensorboard/, checkpoints/, processor/, final/, plots."""
+    resume: bool = False
+    """Continue from the newest checkpoint in --out (start fresh if there is none yet)."""
+    overwrite: bool = False
+    """Delete a previous run's outputs in --out instead of refusing to start."""
+    checkpoint_every: int = 100
+    """Write a checkpoint every N updates (and always after the last); 0 writes only the last."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank (0 loads in the training process)."""
+    strict: bool = False
+    """Stop at the first bad sample (exit status 2, naming it) instead of skipping and counting it."""
+    init: str | None = None
+    """Start from this Hugging Face SigLIP directory (its weights and its tokenizer) instead of a fresh model."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT): no gradients, eval mode, no optimiser state."""
+    micro_batch: int | None = None
+    """Encode each rank's batch this many samples at a time; the gradient equals the full batch's."""
+    warmup_steps: int = 50
+    """Updates of linear learning-rate warm-up before the cosine decay."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to this fraction of --lr at the last update."""
+    weight_decay: float = 1e-4
+    """Decoupled AdamW weight decay, on weight matrices only (not biases, norms, t' or b)."""
+    beta1: float = 0.9
+    """Adam's first-moment decay."""
+    beta2: float = 0.95
+    """Adam's second-moment decay; the paper lowers it from 0.999 for stability."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    logit_lr_multiplier: float = 1.0
+    """Learning rate of t' and b relative to --lr (Adam moves a scalar by about lr per update)."""
+    init_logit_scale: float = 10.0
+    """t at the start (the model stores t' = log t); the paper uses 10."""
+    init_logit_bias: float = -10.0
+    """b at the start; the paper uses -10, which suits batches of tens of thousands (see NOTES.md)."""
+    positive_ids: bool = True
+    """Count pairs whose samples share a positive id (the same class or caption) as positives, not negatives."""
+    image_size: int | None = None
+    """Image side in pixels; None takes the preset's."""
+    vocab_size: int = 1024
+    """Tokenizer vocabulary, trained on the source's captions at the start of the run."""
+    max_text_length: int = 16
+    """Tokens per caption; every caption is padded to this length (the text tower pools the last token)."""
+    tokenizer_captions: int = 20000
+    """Captions drawn from the source to train the tokenizer on."""
+    classes: str | None = None
+    """Class names, one a line, for zero-shot evaluation of sources that bring none."""
+    templates: str | None = None
+    """Prompt templates, one a line with {} for the class name, for zero-shot evaluation."""
+    evaluation: bool = True
+    """Evaluate on the source's held-out split (for a file source that is every sample of its files: turn it off
+    for a large one)."""
+    eval_every: int = 200
+    """Evaluate every N updates (and always at the end); 0 evaluates only at the end."""
+    eval_batch_size: int = 256
+    """Images or texts per forward pass during evaluation."""
+    log_every: int = 10
+    """Write a metrics.jsonl row every N updates (and at every evaluation and the last update)."""
+    plots: bool = True
+    """Draw the loss, t and b curves and a heat map of held-out pairs into --out at the end."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+
+# Fields that may differ between a run and its resumption: where and how it runs, not what it computes
+# (micro-batches change only the rounding of the gradient, not its value).
+RESUMABLE_CHANGES = frozenset({
+    "out", "resume", "overwrite", "device", "num_workers", "micro_batch", "checkpoint_every", "keep_checkpoints",
+    "strict",
+    "evaluation", "eval_every", "eval_batch_size", "log_every", "plots", "progress",
+})
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+
+
+def config_fields() -> dict[str, tuple[Any, str]]:
+    """TrainConfig field name -> (resolved type, its docstring)."""
+    hints = typing.get_type_hints(TrainConfig)
+    docs = _attribute_docstrings(TrainConfig)
+    return {item.name: (hints[item.name], docs.get(item.name, "")) for item in fields(TrainConfig)}
+
+
+def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """The run's configuration: TrainConfig's defaults, then the YAML file at `path`, then `overrides` (flags).
+
+    Args:
+        path: a YAML mapping of field names (dashes or underscores) to values, or None.
+        overrides: field name -> value; None values are ignored (a flag that was not given).
+
+    Raises:
+        UserError: the file is missing or not a mapping, names an unknown field, or gives a value of the wrong type.
+    """
+    known = config_fields()
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = yaml.safe_load(handle)
+        except FileNotFoundError:
+            raise UserError(f"--config {path}: no such file; give a YAML file such as configs/demo.yaml") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"--config {path} is not valid YAML: {' '.join(str(error).split())}") from None
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise UserError(f"--config {path} must hold a mapping of field: value, got a {type(document).__name__}")
+        for key, value in document.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise UserError(f"--config {path}: unknown field {key!r}; known fields: {', '.join(known)}")
+            values[name] = _coerce(name, value, known[name][0], f"--config {path}: {key}")
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if name not in known:
+            raise UserError(f"unknown training option {name!r}; known: {', '.join(known)}")
+        values[name] = _coerce(name, value, known[name][0], f"--{name.replace('_', '-')}")
+    return TrainConfig(**values)
+
+
+def validate_config(config: TrainConfig, world_size: int = 1) -> None:
+    """Refuse a configuration that cannot run, saying which value is wrong and what would work."""
+    def need(condition: bool, message: str) -> None:
+        if not condition:
+            raise UserError(message)
+
+    need(config.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    need(config.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+    need(config.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch needs negatives), "
+                                 f"got {config.batch_size}")
+    need(config.batch_size % world_size == 0,
+         f"--batch-size {config.batch_size} is the global batch and must be divisible by the number of processes "
+         f"({world_size}); use a multiple of {world_size}, e.g. {world_size * max(1, config.batch_size // world_size)}")
+    need(config.steps >= 1, f"--steps must be at least 1, got {config.steps}")
+    need(config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, got {config.lr}")
+    need(config.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {config.warmup_steps}")
+    need(0 <= config.min_lr_ratio <= 1, f"--min-lr-ratio must lie in [0, 1], got {config.min_lr_ratio}")
+    need(config.weight_decay >= 0, f"--weight-decay must be 0 or more, got {config.weight_decay}")
+    need(0 <= config.beta1 < 1 and 0 <= config.beta2 < 1,
+         f"--beta1 and --beta2 must lie in [0, 1), got {config.beta1} and {config.beta2}")
+    need(config.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {config.grad_clip}")
+    need(config.logit_lr_multiplier > 0, f"--logit-lr-multiplier must be positive, got {config.logit_lr_multiplier}")
+    need(config.init_logit_scale > 0 and math.isfinite(config.init_logit_scale),
+         f"--init-logit-scale is t itself and must be a positive number, got {config.init_logit_scale}")
+    need(math.isfinite(config.init_logit_bias), f"--init-logit-bias must be finite, got {config.init_logit_bias}")
+    need(config.checkpoint_every >= 0, f"--checkpoint-every must be 0 (only at the end) or more, "
+                                       f"got {config.checkpoint_every}")
+    need(config.keep_checkpoints >= 1, f"--keep-checkpoints must be at least 1, got {config.keep_checkpoints}")
+    need(config.num_workers >= 0, f"--num-workers must be 0 or more, got {config.num_workers}")
+    need(config.micro_batch is None or config.micro_batch >= 1,
+         f"--micro-batch must be a positive number of samples, got {config.micro_batch}")
+    need(config.eval_every >= 0, f"--eval-every must be 0 (only at the end) or more, got {config.eval_every}")
+    need(config.eval_batch_size >= 1, f"--eval-batch-size must be positive, got {config.eval_batch_size}")
+    need(config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}")
+    need(config.vocab_size >= 16, f"--vocab-size must be at least 16, got {config.vocab_size}")
+    need(config.max_text_length >= 2, f"--max-text-length must be at least 2, got {config.max_text_length}")
+    need(config.tokenizer_captions >= 1, f"--tokenizer-captions must be positive, got {config.tokenizer_captions}")
+    need(config.image_size is None or config.image_size >= 8, f"--image-size must be at least 8, "
+                                                               f"got {config.image_size}")
+    need(not (config.resume and config.overwrite), "--resume and --overwrite contradict each other; choose one")
+    if config.init is not None:
+        need(Path(config.init).is_dir(), f"--init {config.init}: no such directory; give a Hugging Face SigLIP "
+                                         "directory (a DIR/final written by siglip train, or a downloaded one)")
+
+
+def _coerce(name: str, value: Any, kind: Any, where: str) -> Any:
+    """`value` as the field's type; YAML reads 1e-3 as a string, so numbers are parsed from strings too."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType) and type(None) in typing.get_args(kind):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise UserError(f"{where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """Field name -> the string literal that follows it in the class body (PEP 257 attribute docstrings)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for statement, following in zip(body, body[1:], strict=False):
+        if (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+                and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)):
+            docs[statement.target.id] = following.value.value
+    return docs
+
+
+# ------------------------------------------------------------------------------------------------ processes
+
+
+@dataclass
+class Processes:
+    """Where this process sits: rank, world size, and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    started_group: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The group the losses reduce over: the default group under torchrun, None on one process."""
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def start_processes(device: str) -> Processes:
+    """Join the torchrun job if there is one (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was given but torch sees no CUDA device; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
+    else:
+        where = torch.device("cpu")
+    started = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if where.type == "cuda" else "gloo")
+        started = True
+    if world_size > 1:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return Processes(rank=rank, world_size=world_size, local_rank=local_rank, device=where, started_group=started)
+
+
+# ------------------------------------------------------------------------------------------------ model pieces
+
+
+class PairTransform:
+    """Sample -> {"pixel_values": (3, S, S) float32, "input_ids": (L,) int64}; picklable, runs in DataLoader workers."""
+
+    def __init__(self, processor: Any):
+        from siglip.tokenizer import image_transform, text_transform
+
+        self.image = image_transform(processor)
+        self.text = text_transform(processor)
+
+    def __call__(self, sample: Any) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.image(sample.image), "input_ids": self.text(sample.caption)}
+
+
+class ContrastiveTowers(nn.Module):
+    """The two towers as one module whose forward returns what the loss needs.
+
+    DistributedDataParallel synchronises gradients only for computation that runs inside its forward, so the
+    image tower, the text tower and t, b all come out of this one call.
+    """
+
+    def __init__(self, model: nn.Module, lock_image: bool = False):
+        super().__init__()
+        self.model = model
+        self.lock_image = lock_image
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, 3, S, S) images and (n, L) token ids -> (n, d) image and (n, d) text embeddings (L2-normalised),
+        t = exp(t') and b."""
+        from siglip.model import encode_images, encode_texts, scale_and_bias
+
+        if self.lock_image:
+            with torch.no_grad():
+                image_features = encode_images(self.model, pixel_values)
+        else:
+            image_features = encode_images(self.model, pixel_values)
+        text_features = encode_texts(self.model, input_ids)
+        logit_scale, logit_bias = scale_and_bias(self.model)
+        return image_features, text_features, logit_scale, logit_bias
+
+
+def contrastive_loss(
+    loss: str,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    positive_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """The chosen loss (siglip.loss) on float32 features; this rank's share divided by its local batch."""
+    from siglip.loss import sigmoid_loss, softmax_loss
+
+    image_features, text_features = image_features.float(), text_features.float()
+    if loss == "sigmoid":
+        return sigmoid_loss(image_features, text_features, logit_scale.float(), logit_bias.float(), group,
+                            positive_ids=positive_ids)
+    return softmax_loss(image_features, text_features, logit_scale.float(), group, positive_ids=positive_ids)
+
+
+def forward_backward(
+    towers: nn.Module,
+    pixel_values: torch.Tensor,
+    input_ids: torch.Tensor,
+    positive_ids: torch.Tensor | None,
+    *,
+    loss: str = "sigmoid",
+    group: dist.ProcessGroup | None = None,
+    micro_batch: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Forward and backward of one step; gradients accumulate into the parameters' .grad. Returns the loss (0-d).
+
+    Args:
+        towers: a `ContrastiveTowers`, possibly wrapped in DistributedDataParallel.
+        pixel_values: (n, 3, S, S) this rank's images; input_ids: (n, L) their captions.
+        positive_ids: (n,) int64 ids or None (identity labels).
+        micro_batch: encode `micro_batch` samples at a time. The loss needs every embedding of the contrastive
+            batch at once, but not every activation: (1) embed the whole batch without a graph, (2) compute the
+            loss and its gradient with respect to the embeddings, t and b, (3) re-embed each micro-batch with a
+            graph and backpropagate its slice of that gradient. By the chain rule the parameter gradient equals
+            the full batch's; memory holds one micro-batch's activations. Costs one extra forward pass.
+        autocast_dtype: run the towers under autocast to this dtype (bfloat16 on CUDA); the loss runs in float32.
+    """
+    device_type = pixel_values.device.type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    n = pixel_values.shape[0]
+    if micro_batch is None or micro_batch >= n:
+        with autocast:
+            image_features, text_features, logit_scale, logit_bias = towers(pixel_values, input_ids)
+        value = contrastive_loss(loss, image_features, text_features, logit_scale, logit_bias, group, positive_ids)
+        value.backward()
+        return value.detach()
+
+    slices = [slice(start, min(start + micro_batch, n)) for start in range(0, n, micro_batch)]
+    with torch.no_grad(), autocast:
+        parts = [towers(pixel_values[part], input_ids[part]) for part in slices]
+    image_features = torch.cat([p[0] for p in parts]).float().requires_grad_(True)     # (n, d) leaves
+    text_features = torch.cat([p[1] for p in parts]).float().requires_grad_(True)
+    logit_scale = parts[0][2].detach().float().requires_grad_(True)
+    logit_bias = parts[0][3].detach().float().requires_grad_(True)
+    value = contrastive_loss(loss, image_features, text_features, logit_scale, logit_bias, group, positive_ids)
+    value.backward()
+
+    no_sync = getattr(towers, "no_sync", None)
+    for index, part in enumerate(slices):
+        last = index == len(slices) - 1
+        # DDP all-reduces on the last backward only; the earlier ones accumulate locally.
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast:
+            images, texts, scale, bias = towers(pixel_values[part], input_ids[part])
+        # A surrogate whose gradient with respect to the parameters is J^T g for this slice's embeddings.
+        surrogate = (texts.float() * text_features.grad[part]).sum()
+        if images.requires_grad:
+            surrogate = surrogate + (images.float() * image_features.grad[part]).sum()
+        if last:
+            # t and b enter the loss once: their gradient is applied through the last micro-batch's graph.
+            surrogate = surrogate + (scale.float() * logit_scale.grad).sum()
+            if bias.requires_grad and logit_bias.grad is not None:
+                surrogate = surrogate + (bias.float() * logit_bias.grad).sum()
+        surrogate.backward()
+    return value.detach()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class Run:
+    """State and helpers of one training run (one per process)."""
+
+    def __init__(self, config: TrainConfig, processes: Processes):
+        self.config = config
+        self.processes = processes
+        self.out = Path(config.out)
+        self.checkpoints = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.bad_base: Counter[str] = Counter()       # bad samples counted before this process started (global)
+        self.bad_local: Counter[str] = Counter()      # bad samples this process met since it started (this rank)
+        self.rows: list[dict[str, Any]] = []
+        self.writer = None
+
+    # ---- the run directory
+
+    def prepare_directory(self) -> Path | None:
+        """Create --out, refuse to mix runs, clear it for --overwrite; return the checkpoint to resume from."""
+        config, out = self.config, self.out
+        previous = [name for name in ("checkpoints", "final", "metrics.jsonl", "processor") if (out / name).exists()]
+        if self.processes.is_main:
+            if previous and not config.resume:
+                if not config.overwrite:
+                    raise UserError(
+                        f"--out {out} already holds a run ({', '.join(previous)}); pass --resume to continue it, "
+                        "--overwrite to replace it, or choose another --out"
+                    )
+                for name in ("checkpoints", "final", "processor", "tensorboard"):
+                    shutil.rmtree(out / name, ignore_errors=True)
+                for name in ("metrics.jsonl", "summary.json", *PLOT_FILES):
+                    with contextlib.suppress(FileNotFoundError):
+                        (out / name).unlink()
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_temporaries(self.checkpoints)
+            ckpt.remove_stale_temporaries(out)
+        self.processes.barrier()
+        return ckpt.latest_checkpoint(self.checkpoints) if config.resume else None
+
+    # ---- metrics
+
+    def open_logs(self, start_step: int) -> None:
+        """Keep the metrics rows up to `start_step` (a killed run may have logged past its last checkpoint)."""
+        if not self.processes.is_main:
+            return
+        kept = []
+        if self.metrics_path.exists():
+            for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):     # a line cut short by a kill
+                    row = json.loads(line)
+                    if row.get("step", 0) <= start_step:
+                        kept.append(row)
+        temporary = self.metrics_path.with_suffix(".jsonl.tmp")
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+        os.replace(temporary, self.metrics_path)
+        self.rows = kept
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(self.out / "tensorboard"), purge_step=start_step + 1)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.processes.is_main:
+            return
+        self.rows.append(row)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
+        self.writer.flush()
+
+    def bad_totals(self) -> Counter[str]:
+        """Bad samples skipped by kind, over all ranks and restarts (a collective: every rank must call it)."""
+        totals = Counter(self.bad_base) if self.processes.is_main else Counter()
+        if self.processes.world_size > 1:
+            gathered: list[Any] = [None] * self.processes.world_size
+            dist.all_gather_object(gathered, dict(self.bad_local))
+            for counts in gathered:
+                totals.update(counts)
+        else:
+            totals.update(self.bad_local)
+        return totals
+
+
+PLOT_FILES = ("loss.png", "scale_bias.png", "pairs.png")
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run training as `config` says and write its outputs into config.out (see CONTRACT.md).
+
+    Returns the final metrics: step, loss, logit_scale, logit_bias, the last evaluation ("zeroshot", "retrieval"),
+    bad samples skipped by kind, and wall_time_s.
+    """
+    started = time.perf_counter()
+    processes = start_processes(config.device)
+    try:
+        validate_config(config, processes.world_size)
+        return _train(config, processes, started)
+    finally:
+        if processes.started_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, processes: Processes, started: float) -> dict[str, Any]:
+    from siglip.data import make_train_loader
+
+    run = Run(config, processes)
+    resume_from = run.prepare_directory()
+    checkpoint = ckpt.load_checkpoint(resume_from) if resume_from is not None else None
+    if checkpoint is not None:
+        _check_resumable(config, checkpoint)
+
+    _seed_everything(config.seed)
+    model, processor, source = _model_processor_source(config, run)
+    held_out = HeldOut(source)
+    if config.lock_image:
+        model.vision_model.requires_grad_(False)
+    if config.loss == "softmax":
+        # The softmax is invariant to a shift of every logit: b receives no gradient, so it is not trained.
+        model.logit_bias.requires_grad_(False)
+    model.to(processes.device)
+
+    from siglip.optim import build_optimizer
+
+    optimizer, scheduler = build_optimizer(
+        model, lr=config.lr, weight_decay=config.weight_decay, beta1=config.beta1, beta2=config.beta2,
+        logit_lr_multiplier=config.logit_lr_multiplier, warmup_steps=config.warmup_steps,
+        total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
+    )
+    step, samples_seen, trained_seconds = 0, 0, 0.0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model_state)
+        optimizer.load_state_dict(checkpoint.optimizer_state)
+        scheduler.load_state_dict(checkpoint.scheduler_state)
+        step = checkpoint.step
+        samples_seen = int(checkpoint.state.get("samples_seen", 0))
+        trained_seconds = float(checkpoint.state.get("trained_seconds", 0.0))
+        run.bad_base.update(checkpoint.state.get("bad_samples", {}))
+        rank_rng = checkpoint.rng_states[processes.rank] if processes.rank < len(checkpoint.rng_states) else None
+        if rank_rng is not None:
+            ckpt.restore_rng_state(rank_rng)
+        else:
+            _seed_everything(config.seed * 1000 + processes.rank + step)
+        if processes.is_main:
+            print(f"siglip train: resumed from {checkpoint.path} (step {step} of {config.steps})", flush=True)
+    del checkpoint
+
+    run.open_logs(step)
+    towers: nn.Module = ContrastiveTowers(model, lock_image=config.lock_image)
+    if processes.world_size > 1:
+        towers = nn.parallel.DistributedDataParallel(
+            towers, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
+        )
+    local_batch = config.batch_size // processes.world_size
+    autocast_dtype = torch.bfloat16 if processes.device.type == "cuda" else None
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not (processes.is_main and config.progress))
+    last_eval: dict[str, Any] = {}
+    row: dict[str, Any] = {}
+    loader = None
+    if step < config.steps:
+        loader = iter(make_train_loader(
+            source, transform=PairTransform(processor), local_batch=local_batch, rank=processes.rank,
+            world_size=processes.world_size, start_step=step, seed=config.seed, num_workers=config.num_workers,
+            strict=config.strict,
+        ))
+    window_start, window_steps = time.perf_counter(), 0
+    _set_train_mode(model, config.lock_image)
+    try:
+        while step < config.steps:
+            step_start = time.perf_counter()
+            batch = next(loader)        # under --strict a bad sample raises BadSample, a UserError naming its key
+            if batch.step != step:
+                raise RuntimeError(f"the data loader returned batch {batch.step} for step {step}")
+            pixel_values = batch.tensors["pixel_values"].to(processes.device, non_blocking=True)
+            input_ids = batch.tensors["input_ids"].to(processes.device, non_blocking=True)
+            positive_ids = batch.positive_ids.to(processes.device) if config.positive_ids else None
+            lr = optimizer.param_groups[0]["lr"]
+            loss = forward_backward(towers, pixel_values, input_ids, positive_ids, loss=config.loss,
+                                    group=processes.group, micro_batch=config.micro_batch,
+                                    autocast_dtype=autocast_dtype)
+            grad_norm = (nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            samples_seen += config.batch_size
+            window_steps += 1
+            run.bad_local.update(batch.bad)
+            trained_seconds += time.perf_counter() - step_start
+            bar.update(1)
+
+            evaluate_now = config.evaluation and (
+                step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0))
+            if step % config.log_every == 0 or step == config.steps or evaluate_now:
+                if processes.world_size > 1:
+                    dist.all_reduce(loss)
+                    loss /= processes.world_size
+                elapsed = time.perf_counter() - window_start
+                row = _train_row(model, step, loss, lr, grad_norm, window_steps * config.batch_size / elapsed,
+                                 samples_seen, run.bad_totals())
+                if evaluate_now:
+                    last_eval = _evaluate(model, processor, held_out, config, processes)
+                    row.update(_flatten_eval(last_eval))
+                    _set_train_mode(model, config.lock_image)
+                run.log(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['logit_scale']:.2f}",
+                                b=f"{row['logit_bias']:.2f}", samples_s=f"{row['samples_per_s']:.0f}")
+                window_start, window_steps = time.perf_counter(), 0
+            if step == config.steps or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0):
+                _save(run, model, optimizer, scheduler, step, samples_seen, trained_seconds)
+    finally:
+        bar.close()
+        del loader
+
+    if not row:
+        # Resumed a finished run: nothing trained, so evaluate the restored model again for the summary.
+        if config.evaluation:
+            last_eval = _evaluate(model, processor, held_out, config, processes)
+        scale, bias = _scale_and_bias(model)
+        row = {"step": step, "logit_scale": scale, "logit_bias": bias}
+    bad = dict(run.bad_totals())
+    result: dict[str, Any] = {}
+    if processes.is_main:
+        ckpt.export_final(model, processor, run.out / "final")
+        result = {
+            "step": step, "loss": row.get("loss"), "logit_scale": row["logit_scale"],
+            "logit_bias": row["logit_bias"], **last_eval, "bad_samples": bad,
+            "trained_seconds": trained_seconds, "wall_time_s": time.perf_counter() - started,
+        }
+        if config.plots:
+            _draw_plots(run, model, processor, held_out, config)
+        (run.out / "summary.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        print(summary_table(config, result), flush=True)
+        run.writer.close()
+    processes.barrier()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ step helpers
+
+
+def _model_processor_source(config: TrainConfig, run: Run) -> tuple[nn.Module, Any, Any]:
+    """The model, its processor and the training source.
+
+    A fresh run trains the tokenizer once, on rank 0, from the source's caption corpus, and saves the processor in
+    --out/processor, which every other rank and every resumption loads: all of them tokenise alike.
+    """
+    from transformers import AutoProcessor
+
+    from siglip.data import open_source
+    from siglip.model import PRESETS, build_model, load_model
+    from siglip.tokenizer import build_processor, train_tokenizer
+
+    processes = run.processes
+    processor_dir = run.out / "processor"
+    model = None
+    if config.init is not None:
+        model, processor = load_model(config.init)
+        image_size = _image_size(model)
+    elif config.model not in PRESETS:
+        raise UserError(f"--model {config.model!r} is not a preset; choose one of {', '.join(PRESETS)}")
+    else:
+        image_size = config.image_size or PRESETS[config.model].image_size
+    source = open_source(config.data, split="train", seed=config.seed, strict=config.strict,
+                         classes_file=config.classes, templates_file=config.templates, image_size=image_size)
+
+    if processes.is_main and not processor_dir.exists():
+        if model is None:
+            tokenizer = train_tokenizer(source.caption_corpus(config.tokenizer_captions),
+                                        vocab_size=config.vocab_size, max_length=config.max_text_length,
+                                        seed=config.seed)
+            processor = build_processor(tokenizer, image_size=image_size)
+        _save_processor(processor, processor_dir)
+    processes.barrier()
+    processor = AutoProcessor.from_pretrained(str(processor_dir))
+    if model is None:
+        # Seeded here so the initial weights do not depend on what ran before (tokenizer training, resumption).
+        _seed_everything(config.seed)
+        model = build_model(config.model, vocab_size=len(processor.tokenizer), max_text_length=config.max_text_length,
+                            image_size=image_size, init_logit_scale=config.init_logit_scale,
+                            init_logit_bias=config.init_logit_bias)
+    return model, processor, source
+
+
+def _save_processor(processor: Any, directory: Path) -> None:
+    """Save atomically: a rank or a resumption never finds half a processor."""
+    temporary = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    processor.save_pretrained(str(temporary))
+    os.replace(temporary, directory)
+
+
+def _image_size(model: nn.Module) -> int:
+    return int(model.config.vision_config.image_size)
+
+
+def _set_train_mode(model: nn.Module, lock_image: bool) -> None:
+    model.train()
+    if lock_image:
+        model.vision_model.eval()     # a frozen tower keeps its inference behaviour (dropout off)
+
+
+def _scale_and_bias(model: nn.Module) -> tuple[float, float]:
+    from siglip.model import scale_and_bias
+
+    scale, bias = scale_and_bias(model)
+    return float(scale.detach().reshape(())), float(bias.detach().reshape(()))
+
+
+def _train_row(model: nn.Module, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor | None,
+               samples_per_s: float, samples_seen: int, bad: Counter[str]) -> dict[str, Any]:
+    scale, bias = _scale_and_bias(model)
+    row = {"step": step, "loss": float(loss), "logit_scale": scale, "logit_bias": bias, "lr": lr,
+           "samples_per_s": samples_per_s, "samples_seen": samples_seen, "bad_samples": sum(bad.values())}
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    row.update({f"bad/{kind}": count for kind, count in sorted(bad.items())})
+    return row
+
+
+def _evaluate(model: nn.Module, processor: Any, source: Any, config: TrainConfig, processes: Processes) -> dict:
+    """Zero-shot (when the source has tasks) and retrieval on the held-out split, on rank 0; {} on the others."""
+    results: dict[str, Any] = {}
+    if processes.is_main and source.test_samples():
+        from siglip.evaluate import evaluate
+
+        model.eval()
+        tasks = ["zeroshot", "retrieval"] if source.tasks else ["retrieval"]
+        for task in tasks:
+            results[task] = evaluate(model, processor, source, task, batch_size=config.eval_batch_size,
+                                     device=str(processes.device))
+    processes.barrier()
+    return results
+
+
+class HeldOut:
+    """A source whose held-out split is read once and kept: evaluation asks for it at every evaluation."""
+
+    def __init__(self, source: Any):
+        self.source = source
+        self._samples: list | None = None
+
+    def test_samples(self) -> list:
+        if self._samples is None:
+            self._samples = self.source.test_samples()
+        return self._samples
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)
+
+
+def _flatten_eval(results: dict[str, Any]) -> dict[str, float]:
+    """{"zeroshot": {...}, "retrieval": {...}} -> flat metric names such as zeroshot/color/accuracy."""
+    flat = {}
+    for task, values in results.items():
+        for key, value in values.items():
+            if key == "per_task":
+                for name, per in value.items():
+                    flat.update({f"{task}/{name}/{k}": v for k, v in per.items() if isinstance(v, (int, float))})
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[f"{task}/{key}"] = value
+    return flat
+
+
+def _save(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int,
+          samples_seen: int, trained_seconds: float) -> None:
+    """Checkpoint on rank 0, with every rank's RNG states gathered to it (a collective)."""
+    processes = run.processes
+    rng = ckpt.capture_rng_state()
+    if processes.world_size > 1:
+        gathered: list[Any] = [None] * processes.world_size if processes.is_main else None
+        dist.gather_object(rng, gathered, dst=0)
+    else:
+        gathered = [rng]
+    bad = run.bad_totals()
+    if processes.is_main:
+        ckpt.save_checkpoint(
+            run.checkpoints, step, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+            scheduler_state=scheduler.state_dict(), rng_states=gathered,
+            state={"config": asdict(run.config), "samples_seen": samples_seen, "trained_seconds": trained_seconds,
+                   "bad_samples": dict(bad), "world_size": processes.world_size,
+                   "data": {"source": run.config.data, "seed": run.config.seed, "next_step": step}},
+            keep=run.config.keep_checkpoints,
+        )
+    processes.barrier()
+
+
+def _check_resumable(config: TrainConfig, checkpoint: ckpt.Checkpoint) -> None:
+    saved = checkpoint.state.get("config", {})
+    current = asdict(config)
+    changed = [f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} now" for name in current
+               if name in saved and name not in RESUMABLE_CHANGES and saved[name] != current[name]]
+    if changed:
+        raise UserError(
+            f"cannot resume {checkpoint.path} with a different configuration ({'; '.join(changed)}); give the "
+            "original values or start a new run in another --out"
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+
+def summary_table(config: TrainConfig, result: dict[str, Any]) -> str:
+    """The end-of-run table: zero-shot accuracy per task against chance, retrieval R@1, t, b, bad samples, time."""
+    lines = [
+        "",
+        f"siglip train: {config.model} on {config.data}, {result['step']} steps of batch {config.batch_size}, "
+        f"{config.loss} loss -> {Path(config.out) / 'final'}",
+    ]
+    zeroshot = result.get("zeroshot")
+    if zeroshot:
+        lines.append(f"  {'zero-shot task':<16}{'accuracy':>10}{'chance':>10}{'x chance':>10}")
+        for name, per in zeroshot["per_task"].items():
+            ratio = per["accuracy"] / per["chance"] if per["chance"] else float("nan")
+            lines.append(f"  {name:<16}{per['accuracy']:>10.1%}{per['chance']:>10.1%}{ratio:>10.1f}")
+        lines.append(f"  (held-out split, {zeroshot['n']} images)")
+    retrieval = result.get("retrieval")
+    if retrieval:
+        lines.append(f"  retrieval R@1: image->text {retrieval['image_to_text_r1']:.1%}, "
+                     f"text->image {retrieval['text_to_image_r1']:.1%} ({retrieval['n']} pairs)")
+    lines.append(f"  final t = {result['logit_scale']:.3g}, b = {result['logit_bias']:.3g}")
+    bad = result.get("bad_samples") or {}
+    skipped = ", ".join(f"{kind} {count}" for kind, count in sorted(bad.items())) if bad else "none"
+    lines.append(f"  bad samples skipped: {skipped}")
+    lines.append(f"  wall time {result['wall_time_s']:.1f} s (training steps {result['trained_seconds']:.1f} s)")
+    return "\n".join(lines)
+
+
+def _draw_plots(run: Run, model: nn.Module, processor: Any, source: Any, config: TrainConfig) -> None:
+    from siglip import plots
+
+    plots.plot_loss(run.rows, run.out / "loss.png")
+    plots.plot_scale_bias(run.rows, run.out / "scale_bias.png")
+    probabilities, captions = pair_probabilities(model, processor, source, config, count=16)
+    if captions:
+        title = ("sigmoid(t <x, y> + b)" if config.loss == "sigmoid" else "softmax over texts of t <x, y>")
+        plots.plot_pairs(probabilities, captions, run.out / "pairs.png", title=f"held-out pairs: {title}")
+
+
+def pair_probabilities(model: nn.Module, processor: Any, source: Any, config: TrainConfig,
+                       count: int = 16) -> tuple[torch.Tensor, list[str]]:
+    """(k, k) pair probabilities of up to `count` held-out samples with distinct captions, and the captions.
+
+    Sigmoid models: sigmoid(t <x_i, y_j> + b), each pair judged alone as SigLIP does. Softmax models: the
+    row-wise softmax of t <x_i, y_j>, since their bias is meaningless.
+    """
+    from siglip.model import encode_images, encode_texts
+
+    chosen, seen = [], set()
+    for sample in source.test_samples():
+        if sample.caption not in seen:
+            seen.add(sample.caption)
+            chosen.append(sample)
+        if len(chosen) == count:
+            break
+    if not chosen:
+        return torch.empty(0, 0), []
+    transform = PairTransform(processor)
+    encoded = [transform(sample) for sample in chosen]
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        images = encode_images(model, torch.stack([e["pixel_values"] for e in encoded]).to(device)).float()
+        texts = encode_texts(model, torch.stack([e["input_ids"] for e in encoded]).to(device)).float()
+        scale, bias = _scale_and_bias(model)
+        logits = scale * images @ texts.T
+        probabilities = torch.sigmoid(logits + bias) if config.loss == "sigmoid" else logits.softmax(dim=1)
+    return probabilities.cpu(), [sample.caption for sample in chosen]
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field (--batch-size for batch_size, ...) plus --config FILE.yaml."""
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig fields; flags override it")
+    for name, (kind, doc) in config_fields().items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(TrainConfig, name, None)
+        help_text = f"{doc} (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
+            choices = LOSSES if name == "loss" else DEVICES if name == "device" else None
+            parser.add_argument(flag, dest=name, type=base, default=None, choices=choices,
+                                metavar=name.upper() if choices is None else None, help=help_text)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name, None) for name in config_fields()}
+    config = load_config(args.config, overrides)
+    train(config)
+    return 0
+
