@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from reference import (
     loss_and_grads,
     reference_sigmoid_loss,
@@ -15,7 +16,6 @@ from reference import (
     scalar_gradient_scales,
     unit_rows,
 )
-
 from siglip.loss import SigmoidLoss, sigmoid_loss, softmax_loss
 
 
@@ -26,7 +26,7 @@ def assert_sigmoid_grads_close(got_grads, want_grads, rtol, x, y, t, b, positive
     cannot be held to rtol of themselves; t's and b's gradients are sums of n^2 signed terms that may cancel.
     """
     scale_t, scale_b = scalar_gradient_scales(x, y, t, b, positive_ids)
-    for name, g, w in zip("xy", got_grads[:2], want_grads[:2]):
+    for name, g, w in zip("xy", got_grads[:2], want_grads[:2], strict=True):
         assert_close(g, w, rtol, atol=1e-300, what=f"grad {name}")
     assert_close(got_grads[2], want_grads[2], rtol, atol=rtol * scale_t, what="grad t")
     assert_close(got_grads[3], want_grads[3], rtol, atol=rtol * scale_b, what="grad b")
@@ -99,7 +99,7 @@ def test_sigmoid_extreme_logits_stay_finite_and_exact(t, b, dtype):
     assert torch.isfinite(got) and all(torch.isfinite(g).all() for g in got_grads)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert_close(got, want, tol, what="loss")
-    for name, g, w in zip("xytb", got_grads, want_grads):
+    for name, g, w in zip("xytb", got_grads, want_grads, strict=True):
         # float32 holds t * <x, y> to t * 6e-8 absolute; at t = 1e4 that rounding decides pairs near the boundary.
         assert_close(g, w, tol, atol=1e-6 * t, what=f"grad {name}")
 
@@ -112,13 +112,13 @@ def test_softmax_matches_reference(n, d, t):
     got, got_grads = loss_and_grads(softmax_loss, x, y, t64)
     want, want_grads = loss_and_grads(reference_softmax_loss, x, y, t64)
     assert_close(got, want, 1e-12, atol=1e-300, what="loss")
-    for name, g, w in zip("xyt", got_grads, want_grads):
+    for name, g, w in zip("xyt", got_grads, want_grads, strict=True):
         assert_close(g, w, 1e-10, atol=1e-300, what=f"grad {name}")
     x32, y32, t32 = x.float(), y.float(), t64.float()
     got, got_grads = loss_and_grads(softmax_loss, x32, y32, t32)
     want, want_grads = loss_and_grads(reference_softmax_loss, x32.double(), y32.double(), t32.double())
     assert_close(got, want, 1e-5, atol=1e-6, what="float32 loss")
-    for name, g, w in zip("xyt", got_grads, want_grads):
+    for name, g, w in zip("xyt", got_grads, want_grads, strict=True):
         assert_close(g, w, 1e-5, atol=1e-7, what=f"float32 grad {name}")
 
 
@@ -128,7 +128,7 @@ def test_softmax_16bit():
     got, got_grads = loss_and_grads(softmax_loss, x, y, t)
     want, want_grads = loss_and_grads(reference_softmax_loss, x.double(), y.double(), t.double())
     assert_close(got, want, 2e-2, what="loss")
-    for name, g, w in zip("xyt", got_grads, want_grads):
+    for name, g, w in zip("xyt", got_grads, want_grads, strict=True):
         assert_close(g, w, 2e-2, what=f"grad {name}")
 
 
@@ -154,7 +154,7 @@ def test_positive_ids_match_label_matrix_reference(pattern, n, chunk):
     got, got_grads = loss_and_grads(softmax_loss, x, y, t, positive_ids=ids)
     want, want_grads = loss_and_grads(reference_softmax_loss, x, y, t, positive_ids=ids)
     assert_close(got, want, 1e-12, atol=1e-300, what="softmax loss")
-    for name, gr, w in zip("xyt", got_grads, want_grads):
+    for name, gr, w in zip("xyt", got_grads, want_grads, strict=True):
         assert_close(gr, w, 1e-10, atol=1e-300, what=f"softmax grad {name}")
 
 
@@ -179,7 +179,7 @@ def test_gradient_is_scaled_by_the_incoming_gradient():
     t, b = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
     _, once = loss_and_grads(lambda *a: sigmoid_loss(*a), x, y, t, b)
     _, thrice = loss_and_grads(lambda *a: 3.0 * sigmoid_loss(*a) ** 1, x, y, t, b)
-    for g1, g3 in zip(once, thrice):
+    for g1, g3 in zip(once, thrice, strict=True):
         assert_close(g3, 3.0 * g1, 1e-13)
 
 

@@ -261,8 +261,11 @@ def _check_ids(positive_ids: torch.Tensor | None, image_features: torch.Tensor) 
         return
     n = image_features.shape[0]
     if not isinstance(positive_ids, torch.Tensor) or positive_ids.dtype.is_floating_point or positive_ids.is_complex():
-        raise ValueError(f"positive_ids must be an integer tensor of shape [{n}], got {getattr(positive_ids, 'dtype', type(positive_ids))}")
+        seen = getattr(positive_ids, "dtype", type(positive_ids))
+        raise ValueError(f"positive_ids must be an integer tensor of shape [{n}], got {seen}")
     if positive_ids.shape != (n,):
         raise ValueError(f"positive_ids must have shape [{n}] (one id per pair), got {tuple(positive_ids.shape)}")
     if positive_ids.device != image_features.device:
-        raise ValueError(f"positive_ids must be on the features' device {image_features.device}, got {positive_ids.device}")
+        raise ValueError(
+            f"positive_ids must be on the features' device {image_features.device}, got {positive_ids.device}"
+        )
