@@ -98,7 +98,7 @@ def time_batches(batches: Iterator[Any], *, rounds_of: int, steps: int, max_seco
 
     batches: an iterator of `siglip.data.Batch`.
     rounds_of: the DataLoader's worker count (1 for none): the window ends only after whole rounds.
-    consume: called on every batch inside the window (a training step); None measures the loader alone.
+    consume: called on every batch, the untimed first one too (a training step); None times the loader alone.
     """
     first = next(batches)                           # worker start-up and first reads stay out of the window
     if consume is not None:
