@@ -297,12 +297,16 @@ def export_final(model: torch.nn.Module, processor: Any, directory: str | os.Pat
         shutil.rmtree(temporary)
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()          # a "writing shards" bar after the training bar is only noise
+    # transformers draws a "writing shards" bar and, on saving, checks its own default SiglipTextConfig (whose
+    # token ids lie outside its vocabulary) and warns about it: noise after a training run, so both are muted.
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         model.save_pretrained(str(temporary), safe_serialization=True)
         processor.save_pretrained(str(temporary))
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
     for file_path in temporary.rglob("*"):

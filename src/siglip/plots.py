@@ -63,7 +63,7 @@ def plot_pairs(probabilities: torch.Tensor, captions: Sequence[str], path: str |
     """
     plt = _pyplot()
     k = len(captions)
-    figure, axes = plt.subplots(figsize=(6.4, 5.6), dpi=120)
+    figure, axes = plt.subplots(figsize=(8, 7.2), dpi=110)
     image = axes.imshow(probabilities.detach().cpu().float().numpy(), vmin=0.0, vmax=1.0, cmap="viridis")
     axes.set_xticks(range(k))
     axes.set_xticklabels(captions, rotation=60, ha="right", fontsize=6)

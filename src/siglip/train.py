@@ -917,17 +917,20 @@ def _draw_plots(run: Run, model: nn.Module, processor: Any, source: Any, config:
 
 def pair_probabilities(model: nn.Module, processor: Any, source: Any, config: TrainConfig,
                        count: int = 16) -> tuple[torch.Tensor, list[str]]:
-    """(k, k) pair probabilities of up to `count` held-out samples with distinct captions, and the captions.
+    """(k, k) pair probabilities of up to `count` held-out samples, and their captions.
 
-    Sigmoid models: sigmoid(t <x_i, y_j> + b), each pair judged alone as SigLIP does. Softmax models: the
-    row-wise softmax of t <x_i, y_j>, since their bias is meaningless.
+    The samples differ in their labels (for shapes: one image per held-out colour-shape pair, and one per count),
+    or, for a source without labels, in their captions; so a caption is true of its own image only, and the
+    diagonal is the right answer. Sigmoid models: sigmoid(t <x_i, y_j> + b), each pair judged alone as SigLIP
+    does. Softmax models: the row-wise softmax of t <x_i, y_j>, since their bias is meaningless.
     """
     from siglip.model import encode_images, encode_texts
 
     chosen, seen = [], set()
     for sample in source.test_samples():
-        if sample.caption not in seen:
-            seen.add(sample.caption)
+        key = tuple(sorted(sample.labels.items())) if sample.labels else sample.caption
+        if key not in seen:
+            seen.add(key)
             chosen.append(sample)
         if len(chosen) == count:
             break
