@@ -13,10 +13,11 @@ from siglip.experiments.beta2 import count_spikes, largest_rise
 from siglip.experiments.common import TrainBatch, batch_indices, compare, smooth
 from siglip.experiments.negatives import masked_sigmoid_loss, matched_steps, negative_mask, pair_labels
 from siglip.experiments.noise import KINDS, Corruption, corrupt_batch, fresh_ids
+from siglip.experiments.positives import duplicates_per_batch, off_diagonal_positives
 from siglip.experiments.report import Plot, Report, Series, Table, write_report
 from siglip.loss import sigmoid_loss
 
-STUDIES = ("batch-size", "init", "negatives", "noise", "beta2", "siglit")
+STUDIES = ("batch-size", "init", "negatives", "noise", "beta2", "siglit", "positives")
 
 
 def fresh_seed() -> int:
@@ -180,6 +181,36 @@ def test_fresh_ids_keep_clean_equalities():
     clean = ~corrupted
     assert torch.equal(out[clean][:, None] == out[clean][None, :], ids[clean][:, None] == ids[clean][None, :])
     assert out[1] != out[5] and not torch.isin(out[corrupted], out[clean]).any()
+
+
+def literal_off_diagonal_positives(ids) -> int:
+    """Pairs (i, j), i != j, with equal ids, one pair at a time."""
+    n = len(ids)
+    return sum(1 for i in range(n) for j in range(n) if i != j and ids[i] == ids[j])
+
+
+def test_off_diagonal_positives_by_hand_and_against_literal_count():
+    # Groups of sizes 3 (id 3), 2 (id 5) and 1 (id 7): 3 * 2 + 2 * 1 ordered pairs.
+    assert off_diagonal_positives(torch.tensor([3, 3, 5, 3, 7, 5])) == 8
+    assert off_diagonal_positives(torch.arange(9)) == 0
+    assert off_diagonal_positives(torch.full((9,), 4)) == 9 * 8
+    ids = torch.randint(0, 6, (40,), generator=torch.Generator().manual_seed(fresh_seed()))
+    assert off_diagonal_positives(ids) == literal_off_diagonal_positives(ids.tolist())
+
+
+def test_duplicates_per_batch_counts_positives_in_the_batches_a_trial_sees():
+    from types import SimpleNamespace
+
+    pool, batch, steps, seed = 30, 8, 5, fresh_seed()
+    generator = torch.Generator().manual_seed(seed)
+    captions = torch.randint(0, 4, (pool, 1), generator=generator).repeat(1, 3)     # 4 distinct captions
+    # Ids coarser than captions (two captions per id), as digits' class ids group its templates.
+    data = SimpleNamespace(pixel_values=torch.zeros(pool, 1), input_ids=captions, positive_ids=captions[:, 0] // 2)
+    by_id, by_caption = duplicates_per_batch(data, batch, steps, seed)
+    batches = [batch_indices(step, batch, pool, seed) for step in range(steps)]
+    want_id = sum(literal_off_diagonal_positives(data.positive_ids[index].tolist()) for index in batches) / steps
+    want_caption = sum(literal_off_diagonal_positives(captions[index, 0].tolist()) for index in batches) / steps
+    assert by_id == want_id and by_caption == want_caption and by_id >= by_caption
 
 
 def test_count_spikes_on_a_made_up_curve():

@@ -21,6 +21,7 @@ STUDIES = {
     "noise": ("siglip.experiments.noise", "corrupted training pairs: sigmoid vs softmax"),
     "beta2": ("siglip.experiments.beta2", "Adam beta2 0.999 vs 0.95: loss spikes and accuracy"),
     "siglit": ("siglip.experiments.siglit", "a text tower against a frozen pretrained image tower vs from scratch"),
+    "positives": ("siglip.experiments.positives", "duplicates in a batch: diagonal labels vs id labels (issue #10)"),
 }
 
 
