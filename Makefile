@@ -9,23 +9,29 @@ TORCH_SPEC ?= torch==2.13.0
 
 venv: $(VENV)/.installed
 
+# The package and its runtime dependencies: all `make demo` needs.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" \
 		|| $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+# The test tools on top (pytest, ruff, triton for the interpreter tests of the GPU kernel), and open_clip's loss,
+# a peer in tests and benchmarks; its torchvision requirement is not needed for loss.py.
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	# open_clip's loss is a peer in tests and benchmarks; its torchvision requirement is not needed for loss.py.
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch || echo "open-clip-torch unavailable: its parity test will skip"
 	touch $@
 
-test: venv
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 demo: venv
 	$(BIN)/siglip train --config configs/demo.yaml --out runs/demo
 
-lint: venv
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests
 
 clean:
