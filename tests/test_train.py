@@ -387,3 +387,177 @@ def test_torchrun_restarts_a_killed_rank_from_the_newest_checkpoint(tmp_path, tw
     want, got = final_weights(want_dir), final_weights(out)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+# ------------------------------------------------------------------------------------------------ --positives
+
+
+def test_positives_flag_and_the_older_positive_ids_key(tmp_path):
+    from siglip.train import upgrade_config_dict
+
+    assert TrainConfig().positives == "ids"
+    path = tmp_path / "run.yaml"
+    path.write_text("positives: diagonal\n")
+    assert load_config(str(path), {}).positives == "diagonal"
+    assert load_config(str(path), {"positives": "ids"}).positives == "ids"        # the flag wins over the file
+    # Config files and checkpoints written before --positives hold positive_ids: true/false.
+    for old, new in (("true", "ids"), ("false", "diagonal"), ("no", "diagonal")):
+        path.write_text(f"positive_ids: {old}\n")
+        config = load_config(str(path), {})
+        assert config.positives == new
+    path.write_text("positive_ids: false\n")
+    assert load_config(str(path), {"positives": "ids"}).positives == "ids"
+    assert upgrade_config_dict({"positive_ids": False, "lr": 0.1}) == {"positives": "diagonal", "lr": 0.1}
+    assert upgrade_config_dict({"positives": "ids"}) == {"positives": "ids"}
+    for name in ("demo", "tiny"):
+        assert load_config(str(ROOT / "configs" / f"{name}.yaml"), {}).positives == "ids"
+
+    path.write_text("positive_ids: true\npositives: diagonal\n")
+    with pytest.raises(UserError, match="positive_ids True contradicts positives 'diagonal'"):
+        load_config(str(path), {})
+    path.write_text("positive_ids: maybe\n")
+    with pytest.raises(UserError, match="positive_ids must be bool, got 'maybe'"):
+        load_config(str(path), {})
+    path.write_text("positives: all\n")
+    with pytest.raises(UserError, match="--positives must be one of ids, diagonal, got 'all'"):
+        validate_config(load_config(str(path), {}))
+
+
+def test_cli_refuses_an_unknown_positives_choice(tmp_path):
+    result = subprocess.run(siglip_command("train", "--positives", "all", "--out", str(tmp_path)),
+                            env=child_environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--positives: invalid choice: 'all'" in result.stderr and "'ids', 'diagonal'" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ SigLiT's cache
+
+
+def test_cache_image_features_needs_a_locked_image_tower():
+    with pytest.raises(UserError, match="--cache-image-features needs --lock-image"):
+        validate_config(TrainConfig(cache_image_features=True))
+    validate_config(TrainConfig(cache_image_features=True, lock_image=True))
+    model, towers = _tiny_towers(lock_image=False)
+    with pytest.raises(ValueError, match="need a locked image tower"):
+        towers(None, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, model.config.vision_config.hidden_size))
+
+
+@pytest.mark.parametrize("micro_batch", [None, 4])
+def test_cached_image_features_give_the_text_tower_the_same_gradient(micro_batch):
+    from siglip.feature_cache import ImageFeatureCache
+    from siglip.train import _frozen_image_encoder
+
+    torch.manual_seed(random.randrange(2**31))
+    model, towers = _tiny_towers(lock_image=True)
+    model.vision_model.eval()
+    size = model.config.vision_config.image_size
+    n = 11
+    images = torch.randn(8, 3, size, size)
+    picks = [0, 1, 2, 3, 4, 5, 6, 7, 2, 5, 2]                 # an image may come twice in a batch (a refill)
+    pixel_values, keys = images[picks], [f"image/{pick}" for pick in picks]
+    input_ids = torch.randint(0, 64, (n, 8))
+    positive_ids = torch.randint(0, 4, (n,))
+    cache = ImageFeatureCache(capacity=8)
+    encode = _frozen_image_encoder(model, torch.device("cpu"), micro_batch, None)
+
+    def gradients(image_features):
+        model.zero_grad(set_to_none=True)
+        value = forward_backward(towers, None if image_features is not None else pixel_values, input_ids,
+                                 positive_ids, micro_batch=micro_batch, image_features=image_features)
+        return value, {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want = gradients(None)
+    cached = cache.features(keys, pixel_values, encode)
+    assert cache.encoded == 8 and cache.looked_up == 3 and cached.dtype == torch.float32
+    got_loss, got = gradients(cached)
+    # A second visit is served from the cache alone and gives the same features.
+    assert torch.equal(cache.features(keys[::-1], pixel_values.flip(0), encode), cached.flip(0))
+    assert cache.encoded == 8
+
+    assert want.keys() == got.keys() and len(want) > 0
+    assert not any(name.startswith("vision_model") for name in want)
+    assert torch.allclose(got_loss, want_loss, rtol=1e-5, atol=0)
+    overall = max(grad.abs().max().item() for grad in want.values())
+    for name in want:
+        scale = want[name].abs().max().item()
+        error = (got[name] - want[name]).abs().max().item()
+        if name.endswith("k_proj.bias"):                  # zero up to rounding (see the micro-batch test)
+            assert scale <= 1e-5 * overall and error <= 1e-5 * overall, name
+            continue
+        assert error <= 1e-5 * scale, f"{name}: error {error:.2e} against {scale:.2e}"
+
+
+def _count_image_tower_rows(monkeypatch) -> list[int]:
+    """Patch training so that every image the image tower embeds is counted; returns the list of batch sizes."""
+    import siglip.train as train_module
+
+    calls: list[int] = []
+    original = train_module._model_processor_source
+
+    def counting(config, run):
+        model, processor, source = original(config, run)
+        model.vision_model.register_forward_hook(
+            lambda module, args, output: calls.append(output.last_hidden_state.shape[0]))
+        return model, processor, source
+
+    monkeypatch.setattr(train_module, "_model_processor_source", counting)
+    return calls
+
+
+@pytest.mark.slow
+def test_siglit_cache_embeds_each_image_once_and_survives_resume(tmp_path, monkeypatch):
+    table = _write_table(tmp_path, rows=6, missing=set())
+    # 6 steps of 4 over a table of 6 rows: every image comes back three to four times.
+    base = TrainConfig(**QUICK, data=str(table), batch_size=4, steps=6, lr=2e-3, lock_image=True, evaluation=False,
+                       checkpoint_every=3, micro_batch=3, seed=random.randrange(1000), out=str(tmp_path / "plain"))
+    calls = _count_image_tower_rows(monkeypatch)
+    train(base)
+    assert sum(calls) == 6 * 4                             # without the cache: every sample of every step
+    calls.clear()
+    cached = replace(base, cache_image_features=True, out=str(tmp_path / "cached"))
+    train(cached)
+    assert sum(calls) == 6                                 # with it: each of the 6 images once
+    want, got = final_weights(tmp_path / "plain"), final_weights(tmp_path / "cached")
+    for name in want:
+        # Rounding only (images embedded in other groupings); Adam may lift it for tiny gradients: allow a
+        # twentieth of one step, and leave out the key biases, whose gradient is rounding noise (as for the
+        # two-process test).
+        if not name.endswith("k_proj.bias"):
+            assert (got[name] - want[name]).abs().max().item() <= 0.05 * 2e-3, name
+
+    # Resume from step 3: the cache is not in the checkpoint and is rebuilt, each image embedded once more.
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "cached", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    shutil.rmtree(resumed / "final")
+    calls.clear()
+    train(replace(cached, out=str(resumed), resume=True))
+    assert sum(calls) == 6                                 # steps 4 to 6 visit all 6 rows again
+    again = final_weights(resumed)
+    for name in got:
+        if not name.endswith("k_proj.bias"):
+            assert (again[name] - got[name]).abs().max().item() <= 0.05 * 2e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_processes_with_the_cache_match_one_process_without(tmp_path):
+    table = _write_table(tmp_path, rows=12, missing=set())
+    # Each rank caches the images of its own slices (4 per step, 3 + 1 per micro-batch); 6 steps of 8 go round
+    # the 12 rows four times.
+    flags = [*QUICK_FLAGS, "--no-evaluation", "--data", str(table), "--batch-size", "8", "--steps", "6", "--lr",
+             "2e-3", "--lock-image", "--num-workers", "0", "--seed", str(random.randrange(1000))]
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = subprocess.run(torchrun("train", *flags, "--micro-batch", "3", "--cache-image-features", "--out",
+                                     str(two)), env=child_environment(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-3000:]
+    subprocess.run(siglip_command("train", *flags, "--out", str(one)), env=child_environment(), check=True,
+                   capture_output=True, timeout=300)
+    for got, want in zip(read_metrics(two), read_metrics(one), strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    want, got = final_weights(one), final_weights(two)
+    for name in want:
+        if not name.endswith("k_proj.bias"):       # rounding noise amplified by Adam (see the test above)
+            assert (got[name] - want[name]).abs().max().item() <= 0.05 * 2e-3, name

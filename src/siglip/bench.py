@@ -59,7 +59,7 @@ DOC_END = "<!-- siglip bench loss: end -->"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands of `siglip bench`: `loss` here, `ring` in `siglip.bench_ring`."""
+    """Sub-commands of `siglip bench`: `loss` here, `ring` in `siglip.bench_ring`, `train` in `siglip.bench_train`."""
     benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
     loss = benches.add_parser("loss", help="time and memory of the single-device sigmoid loss implementations",
                               description="\n\n".join(__doc__.split("\n\n")[1:3]),
@@ -86,6 +86,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               add_help=False, prefix_chars="\0")
     ring.add_argument("ring_args", nargs=argparse.REMAINDER)
     ring.set_defaults(bench_run=run_ring)
+    from siglip import bench_train  # light: it imports torch only when it runs
+
+    train = benches.add_parser("train", help="peak memory and step time of one training step, with and without "
+                               "--micro-batch (siglip.bench_train)", description=bench_train.__doc__.split("\n\n")[0])
+    bench_train.add_arguments(train)
+    train.set_defaults(bench_run=bench_train.run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ from siglip.errors import UserError
 COMMANDS = {
     "train": ("siglip.train", "train a SigLIP (or CLIP) model"),
     "eval": ("siglip.evaluate", "zero-shot classification or retrieval of a trained model"),
-    "bench": ("siglip.bench", "benchmark the losses"),
+    "bench": ("siglip.bench", "benchmark the losses and a training step"),
     "reproduce": ("siglip.experiments", "run one of the paper's studies at small scale"),
     "data": ("siglip.data.export", "inspect or export a data source"),
 }

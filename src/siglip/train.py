@@ -9,6 +9,9 @@ Several processes (torchrun): each rank loads its own contiguous slice of the gl
 the ring over the default group, and DistributedDataParallel averages the gradients. The losses return each rank's
 share normalised by its local batch, so that average is exactly the gradient of the global-batch loss.
 
+SigLiT (`--lock-image --cache-image-features`): the frozen image tower embeds each image once, the first time a
+batch holds it; later batches look the embedding up by sample key (siglip.feature_cache) and run only the text tower.
+
 Resuming (`--resume`) restores the model, optimiser, scheduler, data position and RNG states of the newest
 checkpoint; on the CPU a resumed run ends bitwise equal to an uninterrupted one (tests/test_train.py).
 """
@@ -24,13 +27,15 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import types
 import typing
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,8 +45,12 @@ from torch import nn
 from siglip import checkpoint as ckpt
 from siglip.errors import UserError
 
+if TYPE_CHECKING:
+    from siglip.feature_cache import ImageFeatureCache
+
 LOSSES = ("sigmoid", "softmax")
 DEVICES = ("auto", "cpu", "cuda")
+POSITIVES = ("ids", "diagonal")
 
 
 @dataclass
@@ -82,6 +91,11 @@ class TrainConfig:
     """Start from this Hugging Face SigLIP directory (its weights and its tokenizer) instead of a fresh model."""
     lock_image: bool = False
     """Freeze the image tower (LiT): no gradients, eval mode, no optimiser state."""
+    cache_image_features: bool = False
+    """With --lock-image (SigLiT): embed each image once, keyed by its sample key, and reuse the embedding whenever
+    the image comes back, so later epochs run only the text tower. Costs n_images x d x 4 bytes of CPU memory per
+    rank (d: the image embedding width; e.g. 1M images at d = 768 take 3.1 GB); not checkpointed, a resumed run
+    rebuilds it. Saves nothing on a procedural source such as shapes, whose images never repeat."""
     micro_batch: int | None = None
     """Encode each rank's batch this many samples at a time; the gradient equals the full batch's."""
     warmup_steps: int = 50
@@ -102,8 +116,12 @@ class TrainConfig:
     """t at the start (the model stores t' = log t); the paper uses 10."""
     init_logit_bias: float = -10.0
     """b at the start; the paper uses -10, which suits batches of tens of thousands (see NOTES.md)."""
-    positive_ids: bool = True
-    """Count pairs whose samples share a positive id (the same class or caption) as positives, not negatives."""
+    positives: str = "ids"
+    """Which pairs of a batch are positives. ids (right for shapes, digits and labelled data): every pair whose
+    samples share Sample.positive_id (the class, or the caption up to case and punctuation), so an image is not
+    pushed away from a caption that is true of it; those batches are full of such pairs (digits has 10 classes,
+    so a batch of 128 holds about 13 images of each digit). diagonal: only each image with its own caption, the
+    paper's labels; fits web data, where a batch rarely holds two equal captions and ids would change little."""
     image_size: int | None = None
     """Image side in pixels; None takes the preset's."""
     vocab_size: int = 1024
@@ -132,12 +150,17 @@ class TrainConfig:
 
 
 # Fields that may differ between a run and its resumption: where and how it runs, not what it computes
-# (micro-batches change only the rounding of the gradient, not its value).
+# (micro-batches and the image-feature cache change only the rounding of the gradient, not its value).
 RESUMABLE_CHANGES = frozenset({
     "out", "resume", "overwrite", "device", "num_workers", "micro_batch", "checkpoint_every", "keep_checkpoints",
-    "strict",
+    "strict", "cache_image_features",
     "evaluation", "eval_every", "eval_batch_size", "log_every", "plots", "progress",
 })
+
+
+# Fields of older config files and checkpoints -> how to read them today.
+LEGACY_FIELDS = {"positive_ids": "positives"}
+"""positive_ids: true/false (before --positives) reads as positives: ids/diagonal."""
 
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -176,18 +199,47 @@ def load_config(path: str | None, overrides: dict[str, Any]) -> TrainConfig:
             document = {}
         if not isinstance(document, dict):
             raise UserError(f"--config {path} must hold a mapping of field: value, got a {type(document).__name__}")
+        legacy = {}
         for key, value in document.items():
             name = str(key).replace("-", "_")
+            if name in LEGACY_FIELDS:
+                legacy[name] = (key, value)         # read after the file's other fields, to catch a contradiction
+                continue
             if name not in known:
                 raise UserError(f"--config {path}: unknown field {key!r}; known fields: {', '.join(known)}")
             values[name] = _coerce(name, value, known[name][0], f"--config {path}: {key}")
+        for name, (key, value) in legacy.items():
+            _read_legacy(values, name, value, f"--config {path}: {key}")
     for name, value in overrides.items():
         if value is None:
+            continue
+        if name in LEGACY_FIELDS:
+            values.pop(LEGACY_FIELDS[name], None)         # a flag overrides the file, whichever name either uses
+            _read_legacy(values, name, value, name)
             continue
         if name not in known:
             raise UserError(f"unknown training option {name!r}; known: {', '.join(known)}")
         values[name] = _coerce(name, value, known[name][0], f"--{name.replace('_', '-')}")
     return TrainConfig(**values)
+
+
+def upgrade_config_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (a checkpoint's, a run directory's) with older field names read as today's."""
+    upgraded = {name: value for name, value in values.items() if name not in LEGACY_FIELDS}
+    for name in LEGACY_FIELDS:
+        if name in values and LEGACY_FIELDS[name] not in values:
+            _read_legacy(upgraded, name, values[name], f"saved config: {name}")
+    return upgraded
+
+
+def _read_legacy(values: dict[str, Any], name: str, value: Any, where: str) -> None:
+    """Store an older field's value under its new name (positive_ids: true -> positives: ids)."""
+    flag = _coerce(name, value, bool, where)
+    new = "ids" if flag else "diagonal"
+    if values.get("positives", new) != new:
+        raise UserError(f"{where}: positive_ids {value!r} contradicts positives {values['positives']!r}; "
+                        "keep only positives (ids or diagonal)")
+    values["positives"] = new
 
 
 def validate_config(config: TrainConfig, world_size: int = 1) -> None:
@@ -198,6 +250,8 @@ def validate_config(config: TrainConfig, world_size: int = 1) -> None:
 
     need(config.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     need(config.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}, got {config.device!r}")
+    need(config.positives in POSITIVES,
+         f"--positives must be one of {', '.join(POSITIVES)}, got {config.positives!r}")
     need(config.batch_size >= 2, f"--batch-size must be at least 2 (a contrastive batch needs negatives), "
                                  f"got {config.batch_size}")
     need(config.batch_size % world_size == 0,
@@ -230,6 +284,9 @@ def validate_config(config: TrainConfig, world_size: int = 1) -> None:
     need(config.image_size is None or config.image_size >= 8, f"--image-size must be at least 8, "
                                                                f"got {config.image_size}")
     need(not (config.resume and config.overwrite), "--resume and --overwrite contradict each other; choose one")
+    need(not config.cache_image_features or config.lock_image,
+         "--cache-image-features needs --lock-image: only a frozen image tower gives an image the same embedding "
+         "at every step; add --lock-image (SigLiT) or drop --cache-image-features")
     if config.init is not None:
         need(Path(config.init).is_dir(), f"--init {config.init}: no such directory; give a Hugging Face SigLIP "
                                          "directory (a DIR/final written by siglip train, or a downloaded one)")
@@ -341,6 +398,11 @@ def start_processes(device: str) -> Processes:
 class PairTransform:
     """Sample -> {"pixel_values": (3, S, S) float32, "input_ids": (L,) int64}; picklable, runs in DataLoader workers."""
 
+    augments_images = False
+    """The image transform is the processor's resize and normalisation, the same pixels for an image at every visit:
+    cached image features stay exact. A transform with random augmentation must say True here, and
+    --cache-image-features then refuses it (a cached embedding would freeze one augmented view)."""
+
     def __init__(self, processor: Any):
         from siglip.tokenizer import image_transform, text_transform
 
@@ -364,13 +426,21 @@ class ContrastiveTowers(nn.Module):
         self.lock_image = lock_image
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor
+        self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, image_features: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(n, 3, S, S) images and (n, L) token ids -> (n, d) image and (n, d) text embeddings (L2-normalised),
-        t = exp(t') and b."""
+        t = exp(t') and b.
+
+        image_features: (n, d) embeddings of a locked image tower computed earlier (siglip.feature_cache); they are
+        returned as they are and pixel_values may be None.
+        """
         from siglip.model import encode_images, encode_texts, scale_and_bias
 
-        if self.lock_image:
+        if image_features is not None:
+            if not self.lock_image:
+                raise ValueError("precomputed image_features need a locked image tower (lock_image=True): "
+                                 "a trained tower's embeddings change at every step")
+        elif self.lock_image:
             with torch.no_grad():
                 image_features = encode_images(self.model, pixel_values)
         else:
@@ -401,7 +471,7 @@ def contrastive_loss(
 
 def forward_backward(
     towers: nn.Module,
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     input_ids: torch.Tensor,
     positive_ids: torch.Tensor | None,
     *,
@@ -409,12 +479,14 @@ def forward_backward(
     group: dist.ProcessGroup | None = None,
     micro_batch: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    image_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one step; gradients accumulate into the parameters' .grad. Returns the loss (0-d).
 
     Args:
         towers: a `ContrastiveTowers`, possibly wrapped in DistributedDataParallel.
-        pixel_values: (n, 3, S, S) this rank's images; input_ids: (n, L) their captions.
+        pixel_values: (n, 3, S, S) this rank's images (None when image_features are given); input_ids: (n, L) their
+            captions.
         positive_ids: (n,) int64 ids or None (identity labels).
         micro_batch: encode `micro_batch` samples at a time. The loss needs every embedding of the contrastive
             batch at once, but not every activation: (1) embed the whole batch without a graph, (2) compute the
@@ -422,38 +494,50 @@ def forward_backward(
             graph and backpropagate its slice of that gradient. By the chain rule the parameter gradient equals
             the full batch's; memory holds one micro-batch's activations. Costs one extra forward pass.
         autocast_dtype: run the towers under autocast to this dtype (bfloat16 on CUDA); the loss runs in float32.
+        image_features: (n, d) embeddings of the locked image tower, looked up in the image-feature cache: the image
+            tower is not run. They enter the loss as the tower's own output would (constants either way).
     """
-    device_type = pixel_values.device.type
+    device_type = input_ids.device.type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
-    n = pixel_values.shape[0]
+    n = input_ids.shape[0]
+
+    def run_towers(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = None if pixel_values is None else pixel_values[part]
+        cached = None if image_features is None else image_features[part]
+        return towers(images, input_ids[part], cached)
+
     if micro_batch is None or micro_batch >= n:
         with autocast:
-            image_features, text_features, logit_scale, logit_bias = towers(pixel_values, input_ids)
-        value = contrastive_loss(loss, image_features, text_features, logit_scale, logit_bias, group, positive_ids)
+            images, text_features, logit_scale, logit_bias = run_towers(slice(0, n))
+        value = contrastive_loss(loss, images, text_features, logit_scale, logit_bias, group, positive_ids)
         value.backward()
         return value.detach()
 
     slices = [slice(start, min(start + micro_batch, n)) for start in range(0, n, micro_batch)]
     with torch.no_grad(), autocast:
-        parts = [towers(pixel_values[part], input_ids[part]) for part in slices]
-    image_features = torch.cat([p[0] for p in parts]).float().requires_grad_(True)     # (n, d) leaves
+        parts = [run_towers(part) for part in slices]
+    all_images = torch.cat([p[0] for p in parts]).float().requires_grad_(True)     # (n, d) leaves
     text_features = torch.cat([p[1] for p in parts]).float().requires_grad_(True)
     logit_scale = parts[0][2].detach().float().requires_grad_(True)
     logit_bias = parts[0][3].detach().float().requires_grad_(True)
-    value = contrastive_loss(loss, image_features, text_features, logit_scale, logit_bias, group, positive_ids)
+    value = contrastive_loss(loss, all_images, text_features, logit_scale, logit_bias, group, positive_ids)
     value.backward()
 
+    if image_features is None and getattr(getattr(towers, "module", towers), "lock_image", False):
+        # A locked tower's embeddings are constants: the second pass reuses the first pass's instead of
+        # running the image tower again.
+        image_features = torch.cat([p[0] for p in parts])
     no_sync = getattr(towers, "no_sync", None)
     for index, part in enumerate(slices):
         last = index == len(slices) - 1
         # DDP all-reduces on the last backward only; the earlier ones accumulate locally.
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast:
-            images, texts, scale, bias = towers(pixel_values[part], input_ids[part])
+            images, texts, scale, bias = run_towers(part)
         # A surrogate whose gradient with respect to the parameters is J^T g for this slice's embeddings.
         surrogate = (texts.float() * text_features.grad[part]).sum()
         if images.requires_grad:
-            surrogate = surrogate + (images.float() * image_features.grad[part]).sum()
+            surrogate = surrogate + (images.float() * all_images.grad[part]).sum()
         if last:
             # t and b enter the loss once: their gradient is applied through the last micro-batch's graph.
             surrogate = surrogate + (scale.float() * logit_scale.grad).sum()
@@ -629,9 +713,13 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
     last_eval: dict[str, Any] = {}
     row: dict[str, Any] = {}
     loader = None
+    transform = PairTransform(processor)
+    cache = _image_feature_cache(config, source, transform, step, local_batch, processes)
+    encode_new_images = (_frozen_image_encoder(model, processes.device, config.micro_batch, autocast_dtype)
+                         if cache is not None else None)
     if step < config.steps:
         loader = iter(make_train_loader(
-            source, transform=PairTransform(processor), local_batch=local_batch, rank=processes.rank,
+            source, transform=transform, local_batch=local_batch, rank=processes.rank,
             world_size=processes.world_size, start_step=step, seed=config.seed, num_workers=config.num_workers,
             strict=config.strict,
         ))
@@ -643,13 +731,19 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
             batch = next(loader)        # under --strict a bad sample raises BadSample, a UserError naming its key
             if batch.step != step:
                 raise RuntimeError(f"the data loader returned batch {batch.step} for step {step}")
-            pixel_values = batch.tensors["pixel_values"].to(processes.device, non_blocking=True)
+            if cache is not None:
+                # Only images never seen are embedded (and moved to the device); the rest are looked up.
+                image_features = cache.features(batch.keys, batch.tensors["pixel_values"], encode_new_images)
+                image_features, pixel_values = image_features.to(processes.device, non_blocking=True), None
+            else:
+                image_features = None
+                pixel_values = batch.tensors["pixel_values"].to(processes.device, non_blocking=True)
             input_ids = batch.tensors["input_ids"].to(processes.device, non_blocking=True)
-            positive_ids = batch.positive_ids.to(processes.device) if config.positive_ids else None
+            positive_ids = batch.positive_ids.to(processes.device) if config.positives == "ids" else None
             lr = optimizer.param_groups[0]["lr"]
             loss = forward_backward(towers, pixel_values, input_ids, positive_ids, loss=config.loss,
                                     group=processes.group, micro_batch=config.micro_batch,
-                                    autocast_dtype=autocast_dtype)
+                                    autocast_dtype=autocast_dtype, image_features=image_features)
             grad_norm = (nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None)
             optimizer.step()
             scheduler.step()
@@ -766,6 +860,45 @@ def _image_size(model: nn.Module) -> int:
     return int(model.config.vision_config.image_size)
 
 
+def _image_feature_cache(config: TrainConfig, source: Any, transform: PairTransform, step: int, local_batch: int,
+                         processes: Processes) -> ImageFeatureCache | None:
+    """The cache of a --cache-image-features run (None otherwise), sized for the most distinct images this rank
+    can meet in the remaining steps: steps x local batch, and never more than the source holds."""
+    if not config.cache_image_features:
+        return None
+    if transform.augments_images:
+        raise UserError("--cache-image-features cannot be used with random image augmentation: a cached embedding "
+                        "would freeze one augmented view of each image; drop --cache-image-features")
+    from siglip.feature_cache import ImageFeatureCache
+
+    size = source.__len__()
+    capacity = max(1, (config.steps - step) * local_batch)
+    if size is None:
+        if processes.is_main:
+            print(f"siglip train: {config.data} is an endless source whose images never repeat: "
+                  "--cache-image-features only costs memory here", file=sys.stderr, flush=True)
+    else:
+        capacity = min(capacity, size)
+    return ImageFeatureCache(capacity)
+
+
+def _frozen_image_encoder(model: nn.Module, device: torch.device, chunk: int | None,
+                          autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(m, 3, S, S) CPU pixels -> (m, d) embeddings of the locked image tower, `chunk` images at a time (the
+    micro-batch: a cache fill never needs more activation memory than a training step)."""
+    from siglip.model import encode_images
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        step = chunk or pixel_values.shape[0]
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            return torch.cat([encode_images(model, pixel_values[start:start + step].to(device)).float()
+                              for start in range(0, pixel_values.shape[0], step)])
+
+    return encode
+
+
 def _set_train_mode(model: nn.Module, lock_image: bool) -> None:
     model.train()
     if lock_image:
@@ -858,7 +991,7 @@ def _save(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 
 
 def _check_resumable(config: TrainConfig, checkpoint: ckpt.Checkpoint) -> None:
-    saved = checkpoint.state.get("config", {})
+    saved = upgrade_config_dict(checkpoint.state.get("config", {}))
     current = asdict(config)
     changed = [f"{name}: {saved[name]!r} in the checkpoint, {current[name]!r} now" for name in current
                if name in saved and name not in RESUMABLE_CHANGES and saved[name] != current[name]]
@@ -882,8 +1015,8 @@ def summary_table(config: TrainConfig, result: dict[str, Any]) -> str:
     """The end-of-run table: zero-shot accuracy per task against chance, retrieval R@1, t, b, bad samples, time."""
     lines = [
         "",
-        f"siglip train: {config.model} on {config.data}, {result['step']} steps of batch {config.batch_size}, "
-        f"{config.loss} loss -> {Path(config.out) / 'final'}",
+        f"siglip train: {config.init or config.model} on {config.data}, {result['step']} steps of batch "
+        f"{config.batch_size}, {config.loss} loss -> {Path(config.out) / 'final'}",
     ]
     zeroshot = result.get("zeroshot")
     if zeroshot:
@@ -963,7 +1096,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
-            choices = LOSSES if name == "loss" else DEVICES if name == "device" else None
+            choices = {"loss": LOSSES, "device": DEVICES, "positives": POSITIVES}.get(name)
             parser.add_argument(flag, dest=name, type=base, default=None, choices=choices,
                                 metavar=name.upper() if choices is None else None, help=help_text)
 

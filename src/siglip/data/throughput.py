@@ -139,7 +139,7 @@ class TrainStep:
             logit_lr_multiplier=config.logit_lr_multiplier, warmup_steps=config.warmup_steps,
             total_steps=config.steps, min_lr_ratio=config.min_lr_ratio)
         self.trainable = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        self.grad_clip, self.use_positive_ids = config.grad_clip, config.positive_ids
+        self.grad_clip, self.use_positive_ids = config.grad_clip, config.positives == "ids"
         self.forward_backward, self.clip = forward_backward, torch.nn.utils.clip_grad_norm_
 
     def __call__(self, batch: Any) -> None:
