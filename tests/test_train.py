@@ -445,7 +445,7 @@ def test_cache_image_features_needs_a_locked_image_tower():
 @pytest.mark.parametrize("micro_batch", [None, 4])
 def test_cached_image_features_give_the_text_tower_the_same_gradient(micro_batch):
     from siglip.feature_cache import ImageFeatureCache
-    from siglip.train import _frozen_image_encoder
+    from siglip.train_step import frozen_image_encoder
 
     torch.manual_seed(random.randrange(2**31))
     model, towers = _tiny_towers(lock_image=True)
@@ -458,7 +458,7 @@ def test_cached_image_features_give_the_text_tower_the_same_gradient(micro_batch
     input_ids = torch.randint(0, 64, (n, 8))
     positive_ids = torch.randint(0, 4, (n,))
     cache = ImageFeatureCache(capacity=8)
-    encode = _frozen_image_encoder(model, torch.device("cpu"), micro_batch, None)
+    encode = frozen_image_encoder(model, torch.device("cpu"), micro_batch, None)
 
     def gradients(image_features):
         model.zero_grad(set_to_none=True)

@@ -1,0 +1,188 @@
+"""One training step of `siglip train`, from a sample to the gradients: the contrastive machinery.
+
+    Sample -> PairTransform -> {"pixel_values", "input_ids"} -> ContrastiveTowers (image and text towers, t, b)
+    -> contrastive_loss (siglip.loss: sigmoid or softmax) -> backward, whole or in micro-batches (forward_backward)
+
+`frozen_image_encoder` embeds images with a locked image tower, the micro-batch at a time, for the image-feature
+cache of SigLiT (siglip.feature_cache); `forward_backward` then takes the cached embeddings instead of pixels.
+Nothing here knows about processes, data loading, optimisers or checkpoints: the loop (siglip.train) wires those.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class PairTransform:
+    """Sample -> {"pixel_values": (3, S, S) float32, "input_ids": (L,) int64}; picklable, runs in DataLoader workers."""
+
+    augments_images = False
+    """The image transform is the processor's resize and normalisation, the same pixels for an image at every visit:
+    cached image features stay exact. A transform with random augmentation must say True here, and
+    --cache-image-features then refuses it (a cached embedding would freeze one augmented view)."""
+
+    def __init__(self, processor: Any):
+        from siglip.tokenizer import image_transform, text_transform
+
+        self.image = image_transform(processor)
+        self.text = text_transform(processor)
+
+    def __call__(self, sample: Any) -> dict[str, torch.Tensor]:
+        return {"pixel_values": self.image(sample.image), "input_ids": self.text(sample.caption)}
+
+
+class ContrastiveTowers(nn.Module):
+    """The two towers as one module whose forward returns what the loss needs.
+
+    DistributedDataParallel synchronises gradients only for computation that runs inside its forward, so the
+    image tower, the text tower and t, b all come out of this one call.
+    """
+
+    def __init__(self, model: nn.Module, lock_image: bool = False):
+        super().__init__()
+        self.model = model
+        self.lock_image = lock_image
+
+    def forward(
+        self, pixel_values: torch.Tensor | None, input_ids: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, 3, S, S) images and (n, L) token ids -> (n, d) image and (n, d) text embeddings (L2-normalised),
+        t = exp(t') and b.
+
+        image_features: (n, d) embeddings of a locked image tower computed earlier (siglip.feature_cache); they are
+        returned as they are and pixel_values may be None.
+        """
+        from siglip.model import encode_images, encode_texts, scale_and_bias
+
+        if image_features is not None:
+            if not self.lock_image:
+                raise ValueError("precomputed image_features need a locked image tower (lock_image=True): "
+                                 "a trained tower's embeddings change at every step")
+        elif self.lock_image:
+            with torch.no_grad():
+                image_features = encode_images(self.model, pixel_values)
+        else:
+            image_features = encode_images(self.model, pixel_values)
+        text_features = encode_texts(self.model, input_ids)
+        logit_scale, logit_bias = scale_and_bias(self.model)
+        return image_features, text_features, logit_scale, logit_bias
+
+
+def contrastive_loss(
+    loss: str,
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    positive_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """The chosen loss (siglip.loss) on float32 features; this rank's share divided by its local batch."""
+    from siglip.loss import sigmoid_loss, softmax_loss
+
+    image_features, text_features = image_features.float(), text_features.float()
+    if loss == "sigmoid":
+        return sigmoid_loss(image_features, text_features, logit_scale.float(), logit_bias.float(), group,
+                            positive_ids=positive_ids)
+    return softmax_loss(image_features, text_features, logit_scale.float(), group, positive_ids=positive_ids)
+
+
+def forward_backward(
+    towers: nn.Module,
+    pixel_values: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    positive_ids: torch.Tensor | None,
+    *,
+    loss: str = "sigmoid",
+    group: dist.ProcessGroup | None = None,
+    micro_batch: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    image_features: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Forward and backward of one step; gradients accumulate into the parameters' .grad. Returns the loss (0-d).
+
+    Args:
+        towers: a `ContrastiveTowers`, possibly wrapped in DistributedDataParallel.
+        pixel_values: (n, 3, S, S) this rank's images (None when image_features are given); input_ids: (n, L) their
+            captions.
+        positive_ids: (n,) int64 ids or None (identity labels).
+        micro_batch: encode `micro_batch` samples at a time. The loss needs every embedding of the contrastive
+            batch at once, but not every activation: (1) embed the whole batch without a graph, (2) compute the
+            loss and its gradient with respect to the embeddings, t and b, (3) re-embed each micro-batch with a
+            graph and backpropagate its slice of that gradient. By the chain rule the parameter gradient equals
+            the full batch's; memory holds one micro-batch's activations. Costs one extra forward pass.
+        autocast_dtype: run the towers under autocast to this dtype (bfloat16 on CUDA); the loss runs in float32.
+        image_features: (n, d) embeddings of the locked image tower, looked up in the image-feature cache: the image
+            tower is not run. They enter the loss as the tower's own output would (constants either way).
+    """
+    device_type = input_ids.device.type
+    autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+    n = input_ids.shape[0]
+
+    def run_towers(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = None if pixel_values is None else pixel_values[part]
+        cached = None if image_features is None else image_features[part]
+        return towers(images, input_ids[part], cached)
+
+    if micro_batch is None or micro_batch >= n:
+        with autocast:
+            images, text_features, logit_scale, logit_bias = run_towers(slice(0, n))
+        value = contrastive_loss(loss, images, text_features, logit_scale, logit_bias, group, positive_ids)
+        value.backward()
+        return value.detach()
+
+    slices = [slice(start, min(start + micro_batch, n)) for start in range(0, n, micro_batch)]
+    with torch.no_grad(), autocast:
+        parts = [run_towers(part) for part in slices]
+    all_images = torch.cat([p[0] for p in parts]).float().requires_grad_(True)     # (n, d) leaves
+    text_features = torch.cat([p[1] for p in parts]).float().requires_grad_(True)
+    logit_scale = parts[0][2].detach().float().requires_grad_(True)
+    logit_bias = parts[0][3].detach().float().requires_grad_(True)
+    value = contrastive_loss(loss, all_images, text_features, logit_scale, logit_bias, group, positive_ids)
+    value.backward()
+
+    if image_features is None and getattr(getattr(towers, "module", towers), "lock_image", False):
+        # A locked tower's embeddings are constants: the second pass reuses the first pass's instead of
+        # running the image tower again.
+        image_features = torch.cat([p[0] for p in parts])
+    no_sync = getattr(towers, "no_sync", None)
+    for index, part in enumerate(slices):
+        last = index == len(slices) - 1
+        # DDP all-reduces on the last backward only; the earlier ones accumulate locally.
+        with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast:
+            images, texts, scale, bias = run_towers(part)
+        # A surrogate whose gradient with respect to the parameters is J^T g for this slice's embeddings.
+        surrogate = (texts.float() * text_features.grad[part]).sum()
+        if images.requires_grad:
+            surrogate = surrogate + (images.float() * all_images.grad[part]).sum()
+        if last:
+            # t and b enter the loss once: their gradient is applied through the last micro-batch's graph.
+            surrogate = surrogate + (scale.float() * logit_scale.grad).sum()
+            if bias.requires_grad and logit_bias.grad is not None:
+                surrogate = surrogate + (bias.float() * logit_bias.grad).sum()
+        surrogate.backward()
+    return value.detach()
+
+
+def frozen_image_encoder(model: nn.Module, device: torch.device, chunk: int | None,
+                         autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(m, 3, S, S) CPU pixels -> (m, d) embeddings of the locked image tower, `chunk` images at a time (the
+    micro-batch: a cache fill never needs more activation memory than a training step)."""
+    from siglip.model import encode_images
+
+    def encode(pixel_values: torch.Tensor) -> torch.Tensor:
+        step = chunk or pixel_values.shape[0]
+        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            return torch.cat([encode_images(model, pixel_values[start:start + step].to(device)).float()
+                              for start in range(0, pixel_values.shape[0], step)])
+
+    return encode
