@@ -184,7 +184,8 @@ def markdown_table(result: dict) -> str:
         start = (f"| {r['preset']} | {r['batch_size']} | {r['micro_batch'] or 'none (full batch)'} | "
                  f"{r['image_size']} | ")
         if r.get("skipped"):
-            lines.append(start + f"{r.get('parameters') or ''} | {r['skipped']} | | | |")
+            parameters = f"{r['parameters']:,}" if r.get("parameters") else ""
+            lines.append(start + f"{parameters} | {r['skipped']} | | | |")
         else:
             lines.append(start + f"{r['parameters']:,} | {r['ms']:.0f} | {r['first_ms']:.0f} | "
                                  f"{r['samples_per_s']:.1f} | {r['peak_mem_mb']:.0f} |")
