@@ -26,7 +26,6 @@ n x n matrices would not fit in the available memory is skipped at that size, an
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import importlib.util
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 from siglip.errors import UserError
+from siglip.memory import peak_rss, reset_peak_rss
 
 IMPLS = ("naive", "open_clip", "tiled", "gemm_floor")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -594,29 +594,9 @@ def _measure_peak(step, inputs, device) -> int:
         step(*inputs)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    before = _reset_peak_rss()
+    before = reset_peak_rss()
     step(*inputs)
-    return _status_bytes("VmHWM") - before
-
-
-def _reset_peak_rss() -> int:
-    """Return free heap memory to the system, reset VmHWM to the current resident set, and return that."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")          # 5: reset the peak resident set (Linux >= 4.0)
-    except OSError as error:
-        raise RuntimeError(f"cannot reset the peak resident set through /proc/self/clear_refs: {error}") from error
-    return _status_bytes("VmRSS")
-
-
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
+    return peak_rss() - before
 
 
 def _time_once(step, inputs, device) -> float:

@@ -19,7 +19,6 @@ the sigmoid loss over an all-gather ("sigmoid_all_gather") and CLIP's softmax lo
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import multiprocessing
 import os
@@ -32,6 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from siglip.errors import UserError
+from siglip.memory import peak_rss, pin_malloc, reset_peak_rss
 
 IMPLS = ("two_pass", "bidirectional", "single_lap", "sigmoid_all_gather", "softmax_all_gather")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
@@ -173,7 +173,7 @@ def _bench_rank(rank: int, world: int, config: dict) -> dict:
     from siglip import ring
     from siglip.collectives import CommStats
 
-    _pin_malloc()
+    pin_malloc(MMAP_THRESHOLD)
     dtype = getattr(torch, config["dtype"])
     n, d = config["n"], config["d"]
     generator = torch.Generator().manual_seed(config["seed"] * 1000 + rank)
@@ -201,10 +201,10 @@ def _bench_rank(rank: int, world: int, config: dict) -> dict:
     for impl in impls:
         step(impl)                                      # warm-up: first-call allocations and connections
         dist.barrier()
-        baseline = _reset_peak_rss()
+        baseline = reset_peak_rss()
         stats = CommStats()
         loss, _, _ = step(impl, stats)
-        out[impl].update(loss=loss, peak_bytes=_peak_rss() - baseline, stats=vars(stats))
+        out[impl].update(loss=loss, peak_bytes=peak_rss() - baseline, stats=vars(stats))
     # Round robin, starting one later each round, so that load from elsewhere on the machine falls on every
     # implementation alike instead of on whichever ran during it.
     for round_index in range(config["repeats"]):
@@ -239,36 +239,6 @@ def _combine(per_rank: list[dict], world: int, config: dict) -> list[dict]:
             loss=sum(r["loss"] for r in ranks) / world,
         ))
     return rows
-
-
-def _pin_malloc() -> None:
-    """Pin glibc's mmap threshold so freed large tensors leave the resident set at once (no-op elsewhere)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, MMAP_THRESHOLD)                # M_MMAP_THRESHOLD; setting it also stops its drift
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak_rss() -> int:
-    """Return freed heap to the system, reset the peak resident set to the current one; return the current bytes."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    Path("/proc/self/clear_refs").write_text("5")       # 5: reset VmHWM to VmRSS (Linux >= 4.0)
-    return _status_bytes("VmRSS")
-
-
-def _peak_rss() -> int:
-    return _status_bytes("VmHWM")
-
-
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}: peak memory needs Linux")
 
 
 def _parse_world_sizes(text: str) -> list[int]:

@@ -234,7 +234,7 @@ def worker_main(config: dict) -> dict:
     """Build the preset and AdamW, run `steps` training steps on random inputs, return the measured row."""
     import torch
 
-    from siglip.bench import _reset_peak_rss, _status_bytes
+    from siglip.memory import peak_rss, reset_peak_rss
     from siglip.model import build_model
     from siglip.optim import build_optimizer
     from siglip.train_config import TrainConfig
@@ -246,7 +246,7 @@ def worker_main(config: dict) -> dict:
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None     # as siglip train on CUDA
     limit = None
     if device.type == "cpu":
-        baseline = _reset_peak_rss()
+        baseline = reset_peak_rss()
         limit = _limit_address_space(config["memory_limit"])
     else:
         torch.cuda.reset_peak_memory_stats(device)
@@ -290,7 +290,7 @@ def worker_main(config: dict) -> dict:
             raise
         where = f"at step {step}" if step else "while building the model and inputs"
         if device.type == "cpu":
-            reached = f"{(_status_bytes('VmHWM') - baseline) / GIB:.1f} GiB resident"
+            reached = f"{(peak_rss() - baseline) / GIB:.1f} GiB resident"
             reached += f" of a {limit / GIB:.1f} GiB limit" if limit is not None else ""
         else:
             reached = f"{torch.cuda.max_memory_allocated(device) / GIB:.1f} GiB allocated"
@@ -299,7 +299,7 @@ def worker_main(config: dict) -> dict:
         return _row(config, parameters=parameters,
                     skipped=f"out of memory {where}: {reached} ({detail[:120]})")
     if device.type == "cpu":
-        peak = _status_bytes("VmHWM") - baseline
+        peak = peak_rss() - baseline
     else:
         peak = torch.cuda.max_memory_allocated(device)
     ms = statistics.median(times) * 1000
@@ -313,8 +313,8 @@ def _limit_address_space(extra: int | None) -> int | None:
     available now); returns the allowed growth, or None where no cap can be set."""
     import resource
 
-    from siglip.bench import _status_bytes
     from siglip.feature_cache import available_memory_bytes
+    from siglip.memory import status_bytes
 
     if extra is None:
         available = available_memory_bytes()
@@ -322,7 +322,7 @@ def _limit_address_space(extra: int | None) -> int | None:
             return None
         extra = int(MEMORY_HEADROOM * available)
     try:
-        current = _status_bytes("VmSize")
+        current = status_bytes("VmSize")
         resource.setrlimit(resource.RLIMIT_AS, (current + extra, resource.RLIM_INFINITY))
     except (OSError, ValueError, RuntimeError):
         return None
