@@ -492,3 +492,25 @@ def test_bench_ring_rejects_bad_flags(flags, message):
     bench_ring.add_arguments(parser)
     with pytest.raises(UserError, match=message):
         bench_ring.run(parser.parse_args(flags))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ring_blocks_reach_the_kernel_in_their_own_16_bit_dtype(monkeypatch, dtype):
+    # The Triton backend multiplies 16-bit blocks at 16-bit speed only if the ring does not widen them first; the
+    # sums must still come back in float32 and match the float64 reference.
+    seen, kernel = [], ring.sigmoid_block
+
+    def spy(**arguments):
+        seen.append((arguments["image_features"].dtype, arguments["text_features"].dtype))
+        return kernel(**arguments)
+
+    monkeypatch.setattr(ring, "sigmoid_block", spy)
+    n, d = int(torch.randint(3, 40, ())), int(torch.randint(2, 24, ()))
+    x, y = (F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1) for _ in range(2))
+    blocks = ring._Blocks(argparse.Namespace(ids=None), x.to(dtype), 10.0, -10.0, None)
+    blocks.add(y.to(dtype), None, diagonal_offset=0)
+    assert seen == [(dtype, dtype)]
+    assert blocks.loss.dtype == blocks.grad_image.dtype == torch.float32
+    t, b = torch.tensor(10.0), torch.tensor(-10.0)
+    expected = reference_sigmoid_loss(x.to(dtype).double(), y.to(dtype).double(), t, b) * n
+    torch.testing.assert_close(blocks.loss.double(), expected, rtol=1e-5, atol=1e-5)

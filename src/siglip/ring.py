@@ -264,9 +264,11 @@ class _Blocks:
 
     def __init__(self, setup: _Setup, images: torch.Tensor, scale: float, bias: float, chunk: int | None):
         self.setup, self.images, self.scale, self.bias, self.chunk = setup, images, scale, bias, chunk
-        acc = images.dtype
+        # The blocks keep the features' own dtype, so a 16-bit ring hands 16-bit blocks to the kernel (the Triton
+        # backend multiplies them at 16-bit speed); the kernel's sums, and so these, are in the accumulation dtype.
+        acc = accumulation_dtype(images.dtype)
         self.loss = torch.zeros((), dtype=acc, device=images.device)
-        self.grad_image = torch.zeros_like(images)
+        self.grad_image = torch.zeros(images.shape, dtype=acc, device=images.device)
         self.grad_scale = torch.zeros((), dtype=acc, device=images.device)
         self.grad_bias = torch.zeros((), dtype=acc, device=images.device)
 
@@ -279,7 +281,7 @@ class _Blocks:
         image_ids = self.setup.ids
         result = sigmoid_block(
             image_features=self.images,
-            text_features=texts.to(self.images.dtype),
+            text_features=texts,
             logit_scale=self.scale,
             logit_bias=self.bias,
             diagonal_offset=None if image_ids is not None else diagonal_offset,
@@ -391,7 +393,7 @@ def _forward_single_lap(setup: _Setup, blocks: _Blocks, texts: torch.Tensor, kee
     p2p = PointToPoint(setup.group, setup.stats, "forward")
     hops, ids = setup.world - 1, setup.ids
     nxt, prv = setup.peer(+1), setup.peer(-1)
-    acc_dtype = blocks.images.dtype
+    acc_dtype = accumulation_dtype(blocks.images.dtype)
 
     def block_ops(block, block_ids):
         buffer = (torch.empty_like(texts), None if ids is None else torch.empty_like(ids))
@@ -448,9 +450,8 @@ class _RingSigmoid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, image_features, text_features, logit_scale, logit_bias, setup, implementation, chunk):  # noqa: D401
-        acc = accumulation_dtype(image_features.dtype)
         blocks = _Blocks(
-            setup, image_features.to(acc).contiguous(),
+            setup, image_features.contiguous(),
             float(logit_scale.detach().reshape(())), float(logit_bias.detach().reshape(())), chunk,
         )
         texts = text_features.contiguous()
