@@ -246,6 +246,10 @@ def worker_main(config: dict) -> dict:
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None     # as siglip train on CUDA
     limit = None
     if device.type == "cpu":
+        # Start the thread pools before the cap: a thread's stack is address space too, and OpenMP aborts the
+        # process (no exception to catch) when it cannot create its threads under the cap.
+        torch.ones(256, 256) @ torch.ones(256, 256)
+        torch.ones(1 << 20).add_(1.0)
         baseline = reset_peak_rss()
         limit = _limit_address_space(config["memory_limit"])
     else:
