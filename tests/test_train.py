@@ -378,7 +378,13 @@ def test_torchrun_restarts_a_killed_rank_from_the_newest_checkpoint(tmp_path, tw
                 os.kill(killed, signal.SIGKILL)
         time.sleep(0.01)
     assert killed is not None, "no worker to kill: the run ended first"
-    assert launcher.wait(timeout=400) == 0
+    try:
+        status = launcher.wait(timeout=400)
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        log.seek(0)
+        pytest.fail(f"torchrun did not finish within 400 s of the kill; its log ends:\n{log.read()[-3000:]}")
+    assert status == 0
     log.seek(0)
     output = log.read()
     assert "resumed from" in output, output[-3000:]
