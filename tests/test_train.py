@@ -3,6 +3,7 @@ give the full batch's gradient, and bad configurations are refused with a clear 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -381,7 +382,9 @@ def test_torchrun_restarts_a_killed_rank_from_the_newest_checkpoint(tmp_path, tw
     try:
         status = launcher.wait(timeout=400)
     except subprocess.TimeoutExpired:
-        launcher.kill()
+        for pid in [*_children(launcher.pid), launcher.pid]:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         log.seek(0)
         pytest.fail(f"torchrun did not finish within 400 s of the kill; its log ends:\n{log.read()[-3000:]}")
     assert status == 0
