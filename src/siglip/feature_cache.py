@@ -40,12 +40,15 @@ class ImageFeatureCache:
         self.capacity = capacity
         self.slots: dict[str, int] = {}
         self.storage: torch.Tensor | None = None       # (capacity, d) float32, allocated at the first insertion
-        self.encoded = 0
-        """Images embedded so far (one per distinct key)."""
         self.looked_up = 0
         """Rows served from the cache without running the tower."""
 
     def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def encoded(self) -> int:
+        """Images embedded so far: one per distinct key."""
         return len(self.slots)
 
     def features(self, keys: list[str], pixel_values: torch.Tensor,
@@ -83,7 +86,6 @@ class ImageFeatureCache:
             self.storage = grown
         self.storage[start:start + len(keys)] = features
         self.slots.update((key, start + offset) for offset, key in enumerate(keys))
-        self.encoded += len(keys)
 
 
 def _reserve(capacity: int, dim: int) -> torch.Tensor:
