@@ -387,9 +387,9 @@ def test_torchrun_restarts_a_killed_rank_from_the_newest_checkpoint(tmp_path, tw
                 os.kill(pid, signal.SIGKILL)
         log.seek(0)
         pytest.fail(f"torchrun did not finish within 400 s of the kill; its log ends:\n{log.read()[-3000:]}")
-    assert status == 0
     log.seek(0)
     output = log.read()
+    assert status == 0, f"torchrun exited with {status}; its log ends:\n{output[-6000:]}"
     assert "resumed from" in output, output[-3000:]
     # Each step appears once in the log, and the run ends where an uninterrupted one does.
     assert [row["step"] for row in read_metrics(out)] == list(range(1, 9))

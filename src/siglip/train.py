@@ -85,6 +85,20 @@ class Processes:
             dist.barrier()
 
 
+def _store_of_this_attempt(rank: int, world_size: int) -> dist.Store | None:
+    """torchrun's store, seen under a prefix naming this restart; None outside torchrun's agent store.
+
+    torchrun (2.4 and later) keeps one store server for the whole job and its workers join it without a prefix, so
+    after a restart a worker can read the address a dead worker of the previous attempt left there, try to connect
+    to it and fail ("connectFullMesh ... Connection refused"), which uses up a restart. A prefix per attempt keeps
+    each attempt to its own keys.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    return dist.PrefixStore(f"siglip/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)
+
+
 def start_processes(device: str) -> Processes:
     """Join the torchrun job if there is one (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,7 +115,12 @@ def start_processes(device: str) -> Processes:
         where = torch.device("cpu")
     started = False
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if where.type == "cuda" else "gloo")
+        backend = "nccl" if where.type == "cuda" else "gloo"
+        store = _store_of_this_attempt(rank, world_size)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size)
         started = True
     if world_size > 1:
         rank, world_size = dist.get_rank(), dist.get_world_size()
