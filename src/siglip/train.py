@@ -85,17 +85,21 @@ class Processes:
             dist.barrier()
 
 
-def _store_of_this_attempt(rank: int, world_size: int) -> dist.Store | None:
+def _store_of_this_attempt(world_size: int) -> dist.Store | None:
     """torchrun's store, seen under a prefix naming this restart; None outside torchrun's agent store.
 
-    torchrun (2.4 and later) keeps one store server for the whole job and its workers join it without a prefix, so
-    after a restart a worker can read the address a dead worker of the previous attempt left there, try to connect
-    to it and fail ("connectFullMesh ... Connection refused"), which uses up a restart. A prefix per attempt keeps
-    each attempt to its own keys.
+    torchrun (torch 2.13, where this was diagnosed) keeps one store server for the whole job and its workers join it
+    without a prefix, so after a restart a worker can read the address a dead worker of the previous attempt left
+    there, try to connect to it and fail ("connectFullMesh ... Connection refused"), which uses up a restart. A
+    prefix per attempt keeps each attempt to its own keys.
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in os.environ:
         return None
-    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False)
+    from torch.distributed.constants import default_pg_timeout
+
+    # The client torch's env:// set-up would make (the agent hosts the server), with the same timeout.
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                           timeout=default_pg_timeout)
     return dist.PrefixStore(f"siglip/attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", client)
 
 
@@ -116,7 +120,7 @@ def start_processes(device: str) -> Processes:
     started = False
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if where.type == "cuda" else "gloo"
-        store = _store_of_this_attempt(rank, world_size)
+        store = _store_of_this_attempt(world_size)
         if store is None:
             dist.init_process_group(backend=backend)
         else:
