@@ -114,6 +114,46 @@ def test_image_transform_resizes_and_maps_pixels_to_minus_one_one(tokenizer):
     assert torch.allclose(pixels, want[:, None, None].expand(3, 16, 16), atol=1e-5)
 
 
+def test_image_transform_gives_the_image_processors_pixels_bit_for_bit(tokenizer):
+    side = int(torch.randint(8, 48, ()))
+    processor = build_processor(tokenizer, image_size=side)
+    transform = image_transform(processor)
+    assert transform.size == (side, side)                               # RGB images of this size skip the processor
+    images = [Image.fromarray(torch.randint(0, 256, (side, side, 3), dtype=torch.uint8).numpy()) for _ in range(8)]
+    # Other sizes and modes go through the processor itself.
+    images += [Image.fromarray(torch.randint(0, 256, (side + 3, side, 3), dtype=torch.uint8).numpy()),
+               Image.fromarray(torch.randint(0, 256, (side, side), dtype=torch.uint8).numpy(), mode="L"),
+               Image.fromarray(torch.randint(0, 256, (side, side, 4), dtype=torch.uint8).numpy(), mode="RGBA")]
+    for image in images:
+        want = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        got = transform(image)
+        assert got.dtype == want.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, want)
+
+
+def test_image_transform_runs_a_processor_it_does_not_mirror_in_full(tokenizer):
+    processor = build_processor(tokenizer, image_size=16)
+    processor.image_processor.do_normalize = False                     # pixels in [0, 1]: not (x * s - m) / d
+    transform = image_transform(processor)
+    assert transform.size is None
+    image = Image.fromarray(torch.randint(0, 256, (16, 16, 3), dtype=torch.uint8).numpy())
+    want = processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(transform(image), want) and want.min() >= 0
+
+
+def test_text_transform_gives_the_tokenizers_ids(tokenizer, captions):
+    processor = build_processor(tokenizer, image_size=16)
+    transform = text_transform(processor)
+    assert transform.encoder is not None                                # ours is encoded without the wrapper
+    rng = random.Random()
+    texts = rng.sample(captions, 200) + ["", " ", "Two LARGE Red Stars!", "snow \u2603 and \u00e6\u00f8\u00e5",
+                                         " and ".join(rng.sample(captions, 12))]         # the last one is truncated
+    texts += ["".join(rng.choice("abcdefgh ,.xyz") for _ in range(rng.randrange(0, 120))) for _ in range(100)]
+    for text in texts:
+        want = processor.tokenizer(text, padding="max_length", max_length=transform.length, truncation=True)
+        assert transform(text).tolist() == want["input_ids"], text
+
+
 def test_transforms_pickle_for_dataloader_workers(tokenizer, captions):
     processor = build_processor(tokenizer, image_size=16)
     image = Image.new("RGB", (20, 20), (10, 200, 30))

@@ -21,7 +21,9 @@ from __future__ import annotations
 import os
 import random
 
+import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, SiglipProcessor
 
@@ -186,25 +188,85 @@ def tokenize(processor: SiglipProcessor, captions: list[str]) -> torch.Tensor:
 
 
 class TextTransform:
-    """Picklable caption -> (L,) int64 token ids; L = the tokenizer's full length. Runs in DataLoader workers."""
+    """Picklable caption -> (L,) int64 token ids; L = the tokenizer's full length. Runs in DataLoader workers.
+
+    For a plain `PreTrainedTokenizerFast` (ours, and most saved fast tokenizers) the caption goes straight to a
+    copy of its Rust tokenizer, set once to the padding and truncation that `tokenize` asks of the wrapper: the
+    same ids (tests/test_tokenizer.py checks it) without the wrapper's per-call argument handling, which costs
+    twice the encoding itself. Other tokenizers are called as they are.
+    """
 
     def __init__(self, processor: SiglipProcessor):
         self.tokenizer = processor.tokenizer
         self.length = text_length(self.tokenizer)
+        self.encoder = _fixed_length_encoder(self.tokenizer, self.length)
 
     def __call__(self, caption: str) -> torch.Tensor:
+        if self.encoder is not None:
+            return torch.tensor(self.encoder.encode(caption).ids, dtype=torch.long)
         ids = self.tokenizer(caption, padding="max_length", max_length=self.length, truncation=True)["input_ids"]
         return torch.tensor(ids, dtype=torch.long)
 
 
+def _fixed_length_encoder(tokenizer: PreTrainedTokenizerBase, length: int) -> Tokenizer | None:
+    """A copy of a fast tokenizer's Rust tokenizer that pads and truncates to `length` as the wrapper does with
+    padding="max_length", truncation=True; None for any tokenizer other than a plain PreTrainedTokenizerFast."""
+    if type(tokenizer) is not PreTrainedTokenizerFast or tokenizer.pad_token_id is None:
+        return None
+    encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())    # configuring it leaves the wrapper alone
+    encoder.enable_truncation(max_length=length, direction=tokenizer.truncation_side)
+    encoder.enable_padding(length=length, direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                           pad_token=tokenizer.pad_token)
+    return encoder
+
+
 class ImageTransform:
-    """Picklable PIL image -> (3, S, S) float32 pixel values, through the processor's own image processor."""
+    """Picklable PIL image -> (3, S, S) float32 pixel values, exactly as the processor's image processor makes them.
+
+    An RGB image already of the processor's size (every `shapes` and `digits` image, and any data exported at the
+    model's size) skips the image processor's per-call machinery: its resize is then the identity, and the
+    rescale and normalisation are computed here with the processor's own constants and the same float64-then-
+    float32 arithmetic, so the pixels are bitwise those of the processor (tests/test_tokenizer.py checks it).
+    That machinery costs about 0.4 ms an image, as much as a training step's share of the model on 2 CPU cores
+    for the tiny preset. Any other image, or a processor configured in a way this does not mirror, goes through
+    the processor itself.
+    """
 
     def __init__(self, processor: SiglipProcessor):
         self.image_processor = processor.image_processor
+        self.size, self.scale, self.mean, self.std = _direct_normalisation(self.image_processor)
 
     def __call__(self, image) -> torch.Tensor:
+        if self.size is not None and isinstance(image, Image.Image) and image.mode == "RGB" \
+                and image.size == self.size:
+            pixels = (np.asarray(image, dtype=np.float64) * self.scale).astype(np.float32)     # (S, S, 3)
+            pixels = (pixels - self.mean) / self.std
+            return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def _direct_normalisation(image_processor) -> tuple[tuple[int, int] | None, float, np.ndarray, np.ndarray]:
+    """((width, height), rescale factor, mean, std) of an image processor whose whole work on an image of that
+    size is `(pixels * factor - mean) / std`; (None, ...) when it does anything else (crops, pads, keeps its own
+    resize rules, skips the rescale or the normalisation), which then runs it in full."""
+    unknown = (None, 1.0, np.zeros(3, np.float32), np.ones(3, np.float32))
+    size = getattr(image_processor, "size", None)
+    # transformers 5 keeps a SizeDict (attributes, unset ones None); earlier versions a plain dict.
+    fields = ({key: value for key, value in size.items()} if isinstance(size, dict)
+              else {key: value for key, value in vars(size).items()} if size is not None else {})
+    height, width = fields.get("height"), fields.get("width")
+    mirrored = (
+        type(image_processor).__name__ in ("SiglipImageProcessor", "SiglipImageProcessorPil")
+        and getattr(image_processor, "do_resize", False) and isinstance(height, int) and isinstance(width, int)
+        and all(value is None for key, value in fields.items() if key not in ("height", "width"))
+        and getattr(image_processor, "do_rescale", False) and getattr(image_processor, "do_normalize", False)
+        and not getattr(image_processor, "do_center_crop", False) and not getattr(image_processor, "do_pad", False)
+    )
+    if not mirrored:
+        return unknown
+    mean = np.broadcast_to(np.asarray(image_processor.image_mean, dtype=np.float32), (3,)).copy()
+    std = np.broadcast_to(np.asarray(image_processor.image_std, dtype=np.float32), (3,)).copy()
+    return (width, height), float(image_processor.rescale_factor), mean, std
 
 
 def text_transform(processor: SiglipProcessor) -> TextTransform:
