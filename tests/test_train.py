@@ -216,7 +216,6 @@ def _tiny_towers(lock_image: bool = False):
 
 @pytest.mark.parametrize("loss,lock_image", [("sigmoid", False), ("softmax", False), ("sigmoid", True)])
 def test_micro_batch_gradient_equals_full_batch(loss, lock_image):
-    torch.manual_seed(random.randrange(2**31))
     model, towers = _tiny_towers(lock_image)
     if loss == "softmax":
         model.logit_bias.requires_grad_(False)
@@ -233,7 +232,11 @@ def test_micro_batch_gradient_equals_full_batch(loss, lock_image):
 
     want_loss, want = gradients(None)
     got_loss, got = gradients(4)                          # micro-batches of 4, 4, 3
-    assert torch.equal(want_loss, got_loss)
+    # The two paths embed in batches of 11 and of 4, so the matrix products round differently: over 360 draws the
+    # losses differed by at most 1.0 float32 ulp (1.2e-7 relative, locked image tower; 0 otherwise). 16 ulps is the
+    # bound, a 16x margin; a wrong gradient path moves the loss by far more.
+    assert torch.allclose(got_loss, want_loss, rtol=16 * torch.finfo(torch.float32).eps, atol=0), (
+        f"loss {got_loss.item()!r} in micro-batches against {want_loss.item()!r}")
     assert want.keys() == got.keys() and len(want) > 0
     assert ("logit_bias" in want) == (loss == "sigmoid")
     assert not any(name.startswith("vision_model") for name in want) if lock_image else True
