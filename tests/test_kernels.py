@@ -15,8 +15,10 @@ import torch
 from reference import label_matrix, loss_and_grads, reference_sigmoid_loss, unit_rows
 from siglip import kernels
 from siglip.kernels import cpu_fused
+from siglip.kernels.cpu_fused import TILE_COLS as FUSED_TILE_COLS
+from siglip.kernels.cpu_fused import TILE_ROWS as FUSED_TILE_ROWS
 from siglip.loss import sigmoid_loss
-from siglip.tiled import FUSED_TILE_COLS, FUSED_TILE_ROWS, sigmoid_block
+from siglip.tiled import sigmoid_block
 
 HAS_TRITON = kernels.triton_available()
 HAS_CUDA = torch.cuda.is_available()

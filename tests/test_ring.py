@@ -22,6 +22,7 @@ from siglip.bench_ring import run_local_world
 from siglip.collectives import CommStats
 from siglip.errors import UserError
 from siglip.loss import SigmoidLoss, sigmoid_loss, softmax_loss
+from siglip.softmax import gathered_softmax_loss
 
 pytestmark = pytest.mark.dist
 
@@ -318,7 +319,7 @@ def _softmax_checks(rank, size, group, member, generator, check):
         label = str(dtype).split(".")[-1] + ("" if pattern is None else f" ids {pattern}")
         leaves = local_leaves(x, y, t, b, rank, n, dtype)[:3]
         stats = CommStats()
-        value = ring.gathered_softmax_loss(*leaves, group, positive_ids=local_ids, stats=stats)
+        value = gathered_softmax_loss(*leaves, group, positive_ids=local_ids, stats=stats)
         public = softmax_loss(*leaves, group, positive_ids=local_ids)
         (value + public).backward()   # both paths together: twice the gradient of one
         grads = [leaf.grad / 2 for leaf in leaves]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from reference import label_matrix, unit_rows
-from siglip.tiled import TILE_COLS, TILE_ROWS, TiledSigmoidLoss, accumulation_dtype, sigmoid_block, torch_tile
+from siglip.kernels.block import accumulation_dtype
+from siglip.kernels.eager import TILE_COLS, TILE_ROWS, torch_tile
+from siglip.tiled import TiledSigmoidLoss, sigmoid_block
 
 
 def reference_block(x, y, t, b, z):

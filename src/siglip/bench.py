@@ -526,7 +526,7 @@ def _step(impl: str, backend: str | None):
             criterion(x, y, t.to(x.dtype), b.to(x.dtype)).backward()
         return step
     if impl == "gemm_floor":
-        from siglip.tiled import accumulation_dtype
+        from siglip.kernels.block import accumulation_dtype
 
         def step(x, y, t, b):
             # The CPU kernels multiply in the accumulation dtype; on CUDA the products run in the input dtype.

@@ -172,6 +172,7 @@ def _bench_rank(rank: int, world: int, config: dict) -> dict:
 
     from siglip import ring
     from siglip.collectives import CommStats
+    from siglip.softmax import gathered_softmax_loss
 
     pin_malloc(MMAP_THRESHOLD)
     dtype = getattr(torch, config["dtype"])
@@ -188,7 +189,7 @@ def _bench_rank(rank: int, world: int, config: dict) -> dict:
             leaf.grad = None
         start = time.perf_counter()
         if impl == "softmax_all_gather":
-            loss = ring.gathered_softmax_loss(x, y, t, dist.group.WORLD, stats=stats)
+            loss = gathered_softmax_loss(x, y, t, dist.group.WORLD, stats=stats)
         else:
             name = "all_gather" if impl == "sigmoid_all_gather" else impl
             loss = ring.ring_sigmoid_loss(x, y, t, b, dist.group.WORLD, implementation=name, stats=stats)

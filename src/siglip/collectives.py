@@ -1,8 +1,10 @@
 """The exchanges behind the distributed losses: point-to-point hops, agreement checks, all-gathers with gradients.
 
 Everything here is small on purpose. `siglip.ring` composes these pieces into the rings of the sigmoid loss and the
-all-gathers of the baselines; each piece counts what it sends in a `CommStats`, so the benchmark reports bytes and
-synchronisation points as the code itself moved them, not as a formula predicts.
+all-gather baseline, `siglip.softmax` into CLIP's gathered loss; before either exchanges a byte, the ranks agree on
+what they are about to do (`Agreement`), so that a mismatch is one ValueError on every rank instead of a hang. Each
+piece counts what it sends in a `CommStats`, so the benchmark reports bytes and synchronisation points as the code
+itself moved them, not as a formula predicts.
 
 Counting conventions (per rank, per call):
 - a point-to-point send counts its payload exactly; a receive counts nothing (the sender counted it);
@@ -14,20 +16,24 @@ Counting conventions (per rank, per call):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 PHASES = ("forward", "backward")
+LOSS_CALLS = ("two_pass", "bidirectional", "single_lap", "all_gather", "softmax_loss")
+"""What a rank can be calling when the group agrees: each ring of the sigmoid loss, and the gathered softmax loss."""
+DTYPE_CODES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 @dataclass
 class CommStats:
     """What one rank sent and how often it waited, during one forward and its backward.
 
-    Pass a fresh instance to `siglip.ring.ring_sigmoid_loss(..., stats=...)` (or `gathered_softmax_loss`);
-    the forward pass fills the forward fields, the backward pass the backward fields.
+    Pass a fresh instance to `siglip.ring.ring_sigmoid_loss(..., stats=...)` (or
+    `siglip.softmax.gathered_softmax_loss`); the forward pass fills the forward fields, the backward pass the backward
+    fields.
     """
 
     forward_bytes: int = 0
@@ -177,3 +183,78 @@ def require_agreement(shared: list[dict[str, int]], field: str, what: str, advic
             f"{what} needs the same {field} on every rank of the group, got {values} on ranks 0..{len(values) - 1}; "
             f"{advice}"
         )
+
+
+@dataclass
+class Agreement:
+    """What every rank agreed on before the first exchange, and the rank's place in the group (and on the ring)."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world: int
+    n: int
+    stats: CommStats | None
+    ids: torch.Tensor | None
+    shared: list[dict[str, int]] = field(default_factory=list)
+    needs_grad: bool = True
+
+    FIELDS = ("valid", "n", "d", "dtype", "positive_ids", "implementation", "needs_grad")
+
+    @classmethod
+    def agree(cls, what, image_features, positive_ids, group, stats, *, call, needs_grad) -> Agreement:
+        """One tiny all-gather of n, d, dtype, ids-or-not, the call (one of LOSS_CALLS) and needs-grad; ValueError on
+        any mismatch."""
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        n, d = image_features.shape
+        setup = cls(group, rank, world, n, stats, None if positive_ids is None else positive_ids.contiguous())
+        if world == 1:
+            setup.shared = [{"needs_grad": int(needs_grad)}]
+            return setup
+        fields = dict(
+            valid=1, n=n, d=d, dtype=DTYPE_CODES.index(image_features.dtype),
+            # 0 without ids, else their element size: ids of another integer width would not fit the receive buffers
+            positive_ids=0 if positive_ids is None else positive_ids.element_size(),
+            implementation=LOSS_CALLS.index(call) if call in LOSS_CALLS else -1, needs_grad=needs_grad,
+        )
+        setup.shared = agree_across_ranks(group, fields, image_features.device, stats)
+        _raise_if_a_rank_failed_validation(setup.shared, what)
+        require_agreement(setup.shared, "n", what, "split the global batch evenly across ranks (drop the remainder)")
+        require_agreement(setup.shared, "d", what, "every rank must use the same model")
+        require_agreement(setup.shared, "dtype", what, "cast the features to one dtype on every rank")
+        require_agreement(
+            setup.shared, "positive_ids", what, "pass positive_ids of one integer dtype on every rank, or on none"
+        )
+        names = dict(enumerate(LOSS_CALLS)) | {-1: "unknown"}
+        require_agreement(setup.shared, "implementation", what, f"call the same loss and ring on every rank {names}")
+        return setup
+
+    @classmethod
+    def join_invalid(cls, what: str, group: dist.ProcessGroup, device: torch.device, error: ValueError) -> None:
+        """Take part in the agreement for a rank whose input failed validation, then raise on every rank.
+
+        Without this, the other ranks would wait in the agreement's all-gather for this one until the timeout.
+        """
+        fields = dict.fromkeys(cls.FIELDS, 0)
+        shared = agree_across_ranks(group, fields, device)
+        _raise_if_a_rank_failed_validation(shared, what, own_error=error)
+
+    def peer(self, offset: int) -> int:
+        """The rank `offset` steps along the ring (negative: against it)."""
+        return (self.rank + offset) % self.world
+
+
+def _raise_if_a_rank_failed_validation(
+    shared: list[dict[str, int]], what: str, own_error: ValueError | None = None
+) -> None:
+    failed = [rank for rank, row in enumerate(shared) if not row["valid"]]
+    if own_error is not None:
+        raise own_error
+    if failed:
+        raise ValueError(f"{what}: rank(s) {failed} passed invalid input (their error names it); every rank stops")
+
+
+def join_agreement_after_invalid_input(
+    what: str, group: dist.ProcessGroup, device: torch.device, error: ValueError
+) -> None:
+    """For `siglip.loss`: a rank whose local validation failed joins its peers' agreement and raises `error`."""
+    Agreement.join_invalid(what, group, device, error)

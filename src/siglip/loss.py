@@ -1,8 +1,8 @@
 """The contrastive losses: SigLIP's pairwise sigmoid loss and CLIP's softmax loss.
 
-This is the public face of the losses (see ../shared/CONTRACT.md). The sigmoid loss runs through the tiled
-kernel in `siglip.tiled` on one process and through the ring in `siglip.ring` across a process group; the
-softmax loss is the plain full-matrix CLIP loss, gathered across a group.
+This is the public face of the losses: it checks the input and dispatches. The sigmoid loss runs through the tiled
+kernel in `siglip.tiled` on one process and through the ring in `siglip.ring` across a process group; the softmax
+loss (`siglip.softmax`) is the plain full-matrix CLIP loss, all-gathered across a group.
 
 Normalisation, for both losses: each process returns its own share of the global objective divided by its
 local batch `n`, so the mean over ranks is the global loss and the gradient reaching a rank's own features
@@ -16,10 +16,12 @@ import math
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from siglip import ring as ring_module
+from siglip.collectives import join_agreement_after_invalid_input
 from siglip.kernels import BACKENDS
+from siglip.softmax import gathered_softmax_loss, local_softmax_loss
 from siglip.tiled import TiledSigmoidLoss
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -67,8 +69,6 @@ def sigmoid_loss(
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if world > 1:
-        from siglip import ring as ring_module
-
         return ring_module.ring_sigmoid_loss(
             image_features, text_features, logit_scale, logit_bias, group,
             positive_ids=positive_ids, chunk=chunk, implementation=ring,
@@ -102,58 +102,8 @@ def softmax_loss(
         _check_scalar("logit_scale", logit_scale, image_features.device)
         _check_ids(positive_ids, image_features)
     if world > 1:
-        from siglip import ring as ring_module
-
-        return ring_module.gathered_softmax_loss(
-            image_features, text_features, logit_scale, group, positive_ids=positive_ids
-        )
+        return gathered_softmax_loss(image_features, text_features, logit_scale, group, positive_ids=positive_ids)
     return local_softmax_loss(image_features, text_features, logit_scale, positive_ids, positive_ids)
-
-
-def local_softmax_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    image_ids: torch.Tensor | None,
-    text_ids: torch.Tensor | None,
-    *,
-    text_offset: int = 0,
-    all_text_features: torch.Tensor | None = None,
-    all_image_features: torch.Tensor | None = None,
-    all_text_ids: torch.Tensor | None = None,
-    all_image_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The softmax loss of n local rows against N candidates (N = n on one process, the gathered batch otherwise).
-
-    Images are scored against `all_text_features` (N, d) and texts against `all_image_features`; the local pair
-    i sits at candidate text_offset + i unless ids are given. Returns the sum of both directions' cross-entropy over
-    the n local rows, divided by 2n.
-    """
-    acc = torch.float64 if image_features.dtype == torch.float64 else torch.float32
-    scale = logit_scale.reshape(()).to(acc)
-    images, texts = image_features.to(acc), text_features.to(acc)
-    all_texts = texts if all_text_features is None else all_text_features.to(acc)
-    all_images = images if all_image_features is None else all_image_features.to(acc)
-    n = images.shape[0]
-    logits_per_image = scale * images @ all_texts.t()            # (n, N)
-    logits_per_text = scale * texts @ all_images.t()             # (n, N)
-    if image_ids is None:
-        target = torch.arange(text_offset, text_offset + n, device=images.device)
-        loss = F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)
-    else:
-        cand_text_ids = text_ids if all_text_ids is None else all_text_ids
-        cand_image_ids = image_ids if all_image_ids is None else all_image_ids
-        loss = _soft_cross_entropy(logits_per_image, image_ids, cand_text_ids) + _soft_cross_entropy(
-            logits_per_text, text_ids, cand_image_ids
-        )
-    return loss / 2
-
-
-def _soft_cross_entropy(logits: torch.Tensor, row_ids: torch.Tensor, candidate_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with the target spread uniformly over the candidates that share a row's id."""
-    positive = (row_ids[:, None] == candidate_ids[None, :]).to(logits.dtype)     # (n, N)
-    target = positive / positive.sum(dim=1, keepdim=True).clamp_min(1)
-    return -(target * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 class SigmoidLoss(nn.Module):
@@ -197,10 +147,8 @@ def _invalid_input_stops_every_rank(what: str, group, world: int, image_features
         yield
     except ValueError as error:
         if world > 1:
-            from siglip import ring as ring_module
-
             device = image_features.device if isinstance(image_features, torch.Tensor) else _group_device(group)
-            ring_module.join_agreement_after_invalid_input(what, group, device, error)
+            join_agreement_after_invalid_input(what, group, device, error)
         raise
 
 

@@ -1,4 +1,4 @@
-"""The sigmoid loss across D ranks on a ring, and the all-gather baselines (SigLIP, Zhai et al. 2023, Section 3.3).
+"""The sigmoid loss across D ranks on a ring, and its all-gather baseline (SigLIP, Zhai et al. 2023, Section 3.3).
 
 Each rank keeps its n image rows; the n text rows of every rank visit every other rank, one block per hop, and each
 visit is one call of the tiled kernel `siglip.tiled.sigmoid_block`, so no rank holds more than one tile of logits.
@@ -30,28 +30,25 @@ incoming gradient, like any autograd function.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from siglip.collectives import (
-    AllGatherWithGrad,
+    Agreement,
     CommStats,
     PointToPoint,
-    agree_across_ranks,
     all_gather_rows,
     reduce_scatter_rows,
     require_agreement,
 )
-from siglip.tiled import BlockResult, accumulation_dtype, sigmoid_block
+from siglip.kernels.block import BlockResult, accumulation_dtype
+from siglip.tiled import sigmoid_block
 
 IMPLEMENTATIONS = ("two_pass", "bidirectional", "single_lap", "all_gather")
 # `siglip bench ring` on 2 shared cores (docs/distributed.md): single_lap took 0.60-0.73 of two_pass's time at
 # D = 4 and at D = 8 with d = 768, and was within 7% elsewhere; its backward sends nothing, its memory is flat in D.
 AUTO_IMPLEMENTATION = "single_lap"
-DTYPE_CODES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-SOFTMAX_CODE = len(IMPLEMENTATIONS)
 
 # Message tags: gloo pairs sends and receives by (peer, tag); each stream of a lane gets its own.
 _TAG_BLOCK, _TAG_IDS, _TAG_GRAD = 0, 1, 2
@@ -94,9 +91,9 @@ def ring_sigmoid_loss(
     needs_grad = torch.is_grad_enabled() and any(
         v.requires_grad for v in (image_features, text_features, logit_scale, logit_bias)
     )
-    setup = _Setup.agree(
+    setup = Agreement.agree(
         "sigmoid_loss", image_features, positive_ids, group, stats,
-        code=IMPLEMENTATIONS.index(name) if name in IMPLEMENTATIONS else -1, needs_grad=needs_grad,
+        call=name if name in IMPLEMENTATIONS else "unknown", needs_grad=needs_grad,
     )
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"ring must be 'auto' or one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -108,47 +105,6 @@ def ring_sigmoid_loss(
         )
     setup.needs_grad = any(row["needs_grad"] for row in setup.shared)
     return _RingSigmoid.apply(image_features, text_features, logit_scale, logit_bias, setup, name, chunk)
-
-
-def gathered_softmax_loss(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    group: dist.ProcessGroup,
-    *,
-    positive_ids: torch.Tensor | None = None,
-    stats: CommStats | None = None,
-) -> torch.Tensor:
-    """CLIP's loss over a group: both towers all-gathered with gradients, this rank's rows scored against all D * n.
-
-    Args:
-        image_features, text_features: (n, d) this rank's L2-normalised rows, same dtype.
-        logit_scale: t, the temperature itself (0-d or 1-element).
-        group: the process group; every rank passes the same n, d and dtype.
-        positive_ids: optional (n,) integer ids, gathered like the features; targets spread over each row's positives.
-        stats: optional `CommStats` for bytes sent and synchronisation points.
-
-    Returns:
-        0-d tensor: (sum of this rank's image rows' and text rows' cross-entropies) / (2 n), so the mean over ranks
-        is the global loss; the gradient reaching this rank's features is D times the global gradient.
-    """
-    from siglip.loss import local_softmax_loss  # loss.py imports this module lazily; import back the same way
-
-    needs_grad = torch.is_grad_enabled() and any(v.requires_grad for v in (image_features, text_features, logit_scale))
-    setup = _Setup.agree(
-        "softmax_loss", image_features, positive_ids, group, stats, code=SOFTMAX_CODE, needs_grad=needs_grad
-    )
-    require_agreement(
-        setup.shared, "needs_grad", "softmax_loss", "every rank must back-propagate through the loss (or none)"
-    )
-    all_images = AllGatherWithGrad.apply(image_features, group, stats)      # (D n, d)
-    all_texts = AllGatherWithGrad.apply(text_features, group, stats)        # (D n, d)
-    all_ids = None if positive_ids is None else all_gather_rows(positive_ids, group, stats, "forward")
-    return local_softmax_loss(
-        image_features, text_features, logit_scale, positive_ids, positive_ids,
-        text_offset=setup.rank * setup.n,
-        all_text_features=all_texts, all_image_features=all_images, all_text_ids=all_ids, all_image_ids=all_ids,
-    )
 
 
 def expected_traffic(
@@ -171,7 +127,7 @@ def expected_traffic(
     hops, e_in = world_size - 1, torch.empty((), dtype=dtype).element_size()
     e_acc = torch.empty((), dtype=accumulation_dtype(dtype)).element_size()
     block, ids, grad = n * d * e_in, 8 * n if with_ids else 0, n * d * e_acc if with_grad else 0
-    header = hops * 8 * len(_Setup.FIELDS)                     # the agreement all-gather of a few int64
+    header = hops * 8 * len(Agreement.FIELDS)                     # the agreement all-gather of a few int64
     if implementation in ("two_pass", "bidirectional"):
         steps = hops if implementation == "two_pass" else math.ceil(hops / 2)
         return CommStats(header + hops * (block + ids), hops * grad, 1 + steps, steps if with_grad else 0)
@@ -185,84 +141,10 @@ def expected_traffic(
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS + ('softmax',)}, got {implementation!r}")
 
 
-@dataclass
-class _Setup:
-    """What every rank agreed on before the first hop, and the rank's place in the ring."""
-
-    group: dist.ProcessGroup
-    rank: int
-    world: int
-    n: int
-    stats: CommStats | None
-    ids: torch.Tensor | None
-    shared: list[dict[str, int]] = field(default_factory=list)
-    needs_grad: bool = True
-
-    FIELDS = ("valid", "n", "d", "dtype", "positive_ids", "implementation", "needs_grad")
-
-    @classmethod
-    def agree(cls, what, image_features, positive_ids, group, stats, *, code, needs_grad) -> _Setup:
-        """One tiny all-gather of n, d, dtype, ids-or-not, implementation and needs-grad; ValueError on any mismatch."""
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        n, d = image_features.shape
-        setup = cls(group, rank, world, n, stats, None if positive_ids is None else positive_ids.contiguous())
-        if world == 1:
-            setup.shared = [{"needs_grad": int(needs_grad)}]
-            return setup
-        fields = dict(
-            valid=1, n=n, d=d, dtype=DTYPE_CODES.index(image_features.dtype),
-            # 0 without ids, else their element size: ids of another integer width would not fit the receive buffers
-            positive_ids=0 if positive_ids is None else positive_ids.element_size(),
-            implementation=code, needs_grad=needs_grad,
-        )
-        setup.shared = agree_across_ranks(group, fields, image_features.device, stats)
-        _raise_if_a_rank_failed_validation(setup.shared, what)
-        require_agreement(setup.shared, "n", what, "split the global batch evenly across ranks (drop the remainder)")
-        require_agreement(setup.shared, "d", what, "every rank must use the same model")
-        require_agreement(setup.shared, "dtype", what, "cast the features to one dtype on every rank")
-        require_agreement(
-            setup.shared, "positive_ids", what, "pass positive_ids of one integer dtype on every rank, or on none"
-        )
-        names = dict(enumerate(IMPLEMENTATIONS + ("softmax_loss",))) | {-1: "unknown"}
-        require_agreement(setup.shared, "implementation", what, f"call the same loss and ring on every rank {names}")
-        return setup
-
-    @classmethod
-    def join_invalid(cls, what: str, group: dist.ProcessGroup, device: torch.device, error: ValueError) -> None:
-        """Take part in the agreement for a rank whose input failed validation, then raise on every rank.
-
-        Without this, the other ranks would wait in the agreement's all-gather for this one until the timeout.
-        """
-        fields = dict.fromkeys(cls.FIELDS, 0)
-        shared = agree_across_ranks(group, fields, device)
-        _raise_if_a_rank_failed_validation(shared, what, own_error=error)
-
-    def peer(self, offset: int) -> int:
-        """The rank `offset` steps along the ring (negative: against it)."""
-        return (self.rank + offset) % self.world
-
-
-def _raise_if_a_rank_failed_validation(
-    shared: list[dict[str, int]], what: str, own_error: ValueError | None = None
-) -> None:
-    failed = [rank for rank, row in enumerate(shared) if not row["valid"]]
-    if own_error is not None:
-        raise own_error
-    if failed:
-        raise ValueError(f"{what}: rank(s) {failed} passed invalid input (their error names it); every rank stops")
-
-
-def join_agreement_after_invalid_input(
-    what: str, group: dist.ProcessGroup, device: torch.device, error: ValueError
-) -> None:
-    """For `siglip.loss`: a rank whose local validation failed joins its peers' agreement and raises `error`."""
-    _Setup.join_invalid(what, group, device, error)
-
-
 class _Blocks:
     """This rank's images against one text block at a time, summing the kernel's results over blocks."""
 
-    def __init__(self, setup: _Setup, images: torch.Tensor, scale: float, bias: float, chunk: int | None):
+    def __init__(self, setup: Agreement, images: torch.Tensor, scale: float, bias: float, chunk: int | None):
         self.setup, self.images, self.scale, self.bias, self.chunk = setup, images, scale, bias, chunk
         # The blocks keep the features' own dtype, so a 16-bit ring hands 16-bit blocks to the kernel (the Triton
         # backend multiplies them at 16-bit speed); the kernel's sums, and so these, are in the accumulation dtype.
@@ -310,7 +192,7 @@ def _tag(lane: int, stream: int) -> int:
     return 3 * lane + stream
 
 
-def _forward_lanes(setup: _Setup, blocks: _Blocks, texts, implementation, keep) -> tuple[torch.Tensor, list]:
+def _forward_lanes(setup: Agreement, blocks: _Blocks, texts, implementation, keep) -> tuple[torch.Tensor, list]:
     """Two-pass forward: blocks travel along each lane; returns the own block's text gradient and, per lane, the
     text gradients of the visiting blocks in the order they arrived (kept only when `keep`)."""
     p2p = PointToPoint(setup.group, setup.stats, "forward")
@@ -353,7 +235,7 @@ def _forward_lanes(setup: _Setup, blocks: _Blocks, texts, implementation, keep) 
     return own_grad_text, contributions
 
 
-def _backward_lanes(setup: _Setup, implementation: str, contributions: list, scale: torch.Tensor) -> torch.Tensor:
+def _backward_lanes(setup: Agreement, implementation: str, contributions: list, scale: torch.Tensor) -> torch.Tensor:
     """Two-pass backward: send each visited block's gradient home against the direction it came, summed on the way.
 
     On a lane of h hops the block received at step s belongs to rank r - direction * s. Its accumulator starts at the
@@ -383,7 +265,7 @@ def _backward_lanes(setup: _Setup, implementation: str, contributions: list, sca
     return sum(received[1:], received[0])
 
 
-def _forward_single_lap(setup: _Setup, blocks: _Blocks, texts: torch.Tensor, keep: bool) -> torch.Tensor:
+def _forward_single_lap(setup: Agreement, blocks: _Blocks, texts: torch.Tensor, keep: bool) -> torch.Tensor:
     """Single-lap forward: blocks travel to r + 1; each block's gradient accumulator follows one hop behind it.
 
     At step s this rank holds the block of rank r - s. Its accumulator, holding the contributions of ranks
@@ -435,7 +317,7 @@ def _forward_single_lap(setup: _Setup, blocks: _Blocks, texts: torch.Tensor, kee
     return own_grad_text.add_(grad_in) if keep and hops > 0 else own_grad_text
 
 
-def _forward_all_gather(setup: _Setup, blocks: _Blocks, texts: torch.Tensor, keep: bool) -> torch.Tensor | None:
+def _forward_all_gather(setup: Agreement, blocks: _Blocks, texts: torch.Tensor, keep: bool) -> torch.Tensor | None:
     """All-gather forward: every text row of the group in one block; returns its (D n, d) gradient if `keep`."""
     all_texts = all_gather_rows(texts, setup.group, setup.stats, "forward")
     all_ids = None if setup.ids is None else all_gather_rows(setup.ids, setup.group, setup.stats, "forward")

@@ -1,8 +1,11 @@
-"""Fast backends of the tiled sigmoid loss, behind one choice.
+"""The kernels of the sigmoid loss, behind one choice.
+
+Each backend is a module with a `sigmoid_block(block, *, chunk, column_chunk) -> BlockResult`, the one interface of
+`siglip.kernels.block`; `kernel(name)` returns it and `resolve` chooses the name.
 
 Backends:
-    "torch"     -- the pure-PyTorch tile in `siglip.tiled`: any device, any dtype, always available. The reference
-                   every other backend is tested against.
+    "torch"     -- `siglip.kernels.eager`: the tile loop in eager PyTorch, any device, any dtype, always available.
+                   The reference every other backend is tested against.
     "cpu_fused" -- `siglip.kernels.cpu_fused`: the tile's element-wise passes fused into one C/OpenMP pass,
                    float32 arithmetic (16-bit inputs are widened first), CPU only. Built with the system C compiler
                    on first use (0.3 s on the project's 2-core machine) and cached on disk.
@@ -14,12 +17,16 @@ Backends:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import warnings
 
 import torch
 
+from siglip.kernels.block import BlockKernel
+
 BACKENDS = ("auto", "torch", "cpu_fused", "triton")
+_MODULES = {"torch": "siglip.kernels.eager", "cpu_fused": "siglip.kernels.cpu_fused", "triton": "siglip.kernels.triton"}
 
 AUTO_BUILD_ELEMENTS = 1 << 22
 """Logits in a block (rows x cols) above which "auto" compiles the fused CPU kernel if it is not built yet.
@@ -83,6 +90,11 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, rows: int, c
             except cpu_fused.KernelUnavailable as error:
                 _warn_once(f"siglip: the fused CPU kernel is unavailable, using the PyTorch tile instead ({error})")
     return "torch"
+
+
+def kernel(name: str) -> BlockKernel:
+    """The `sigmoid_block` of a resolved backend ("torch", "cpu_fused" or "triton"), its module imported on demand."""
+    return importlib.import_module(_MODULES[name]).sigmoid_block
 
 
 def _warn_once(message: str) -> None:

@@ -16,12 +16,17 @@ The source is plain C with OpenMP and no PyTorch headers, so it compiles in abou
 (no ninja, no pybind11, unlike torch.utils.cpp_extension); it is loaded with ctypes and cached on disk
 (``SIGLIP_KERNEL_CACHE``, by default ``~/.cache/siglip/kernels``) under a hash of its source, flags and CPU. Loaded
 after torch, it shares torch's libgomp (same soname), so its threads and MKL's are one pool. If no compiler works,
-`load()` raises `KernelUnavailable` and the dispatch in `siglip.kernels` falls back to the pure-PyTorch tile.
+`load()` raises `KernelUnavailable` and the dispatch in `siglip.kernels` falls back to the eager kernel.
+
+The fused tile works in place and takes 2048 x 2048 tiles (16 MB): each tile is four parallel regions (three products
+and the kernel), and fewer, larger tiles lose less at each region's barrier when the cores are shared
+(docs/benchmarks.md, "Tile shape").
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -34,6 +39,11 @@ from pathlib import Path
 
 import torch
 
+from siglip.kernels.block import Block, BlockResult
+from siglip.kernels.tile_loop import run_tiles
+
+TILE_ROWS = 2048
+TILE_COLS = 2048
 SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -249,6 +259,19 @@ def load() -> ctypes.CDLL:
         ]
         _library = library
         return library
+
+
+def sigmoid_block(block: Block, *, chunk: int | None = None, column_chunk: int | None = None) -> BlockResult:
+    """Loss and gradients of one block (see `siglip.kernels.block.BlockKernel`): the shared tile loop with the fused
+    tile, float32 arithmetic (16-bit features are widened first)."""
+    if block.uses_ids:
+        # The kernel compares int32 ids: renumber both sides through one table so equal ids stay equal.
+        rows = block.image_ids.numel()
+        _, compact = torch.unique(torch.cat([block.image_ids.reshape(-1), block.text_ids.reshape(-1)]),
+                                  return_inverse=True)
+        compact = compact.to(torch.int32)
+        block = dataclasses.replace(block, image_ids=compact[:rows], text_ids=compact[rows:])
+    return run_tiles(block, sigmoid_tile, chunk=chunk or TILE_ROWS, column_chunk=column_chunk or TILE_COLS)
 
 
 def sigmoid_tile(

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from siglip.tiled import BlockResult
+from siglip.kernels.block import Block, BlockResult
 
 LABELS_NONE, LABELS_DIAGONAL, LABELS_IDS = 0, 1, 2
 
@@ -133,44 +133,26 @@ def _one_side(a, b, scale, bias, labels, offset, a_ids, b_ids, block_m, block_n,
     return sums, grad
 
 
-def sigmoid_block(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: float,
-    logit_bias: float,
-    *,
-    diagonal_offset: int | None = None,
-    image_ids: torch.Tensor | None = None,
-    text_ids: torch.Tensor | None = None,
-    block_m: int = 64,
-    block_n: int = 64,
-    block_k: int = 32,
-) -> BlockResult:
-    """Loss and gradients of one block (as `siglip.tiled.sigmoid_block`), by the Triton kernels.
+def sigmoid_block(block: Block, *, chunk: int | None = None, column_chunk: int | None = None,
+                  block_m: int = 64, block_n: int = 64, block_k: int = 32) -> BlockResult:
+    """Loss and gradients of one block (see `siglip.kernels.block.BlockKernel`), by the Triton kernels.
 
-    Args:
-        image_features: (c, d) float32, bfloat16 or float16, on a CUDA device (or any device under the interpreter).
-        text_features: (m, d), same dtype and device.
-        logit_scale, logit_bias: t and b.
-        diagonal_offset: positives at (i, i + offset); None: no positives (unless ids are given).
-        image_ids, text_ids: (c,) and (m,) integer ids; positive where equal.
-        block_m, block_n, block_k: tile sizes (powers of two, at least 16: the products' minimum).
-
-    Returns:
-        A `BlockResult` of float32 sums.
+    The features are float32, bfloat16 or float16, on a CUDA device (or any device under the interpreter).
+    chunk and column_chunk are ignored: the kernels tile by block_m x block_n (rows x columns) and block_k (the
+    product's depth), powers of two, at least 16 (the products' minimum). Returns a `BlockResult` of float32 sums.
     """
-    if image_features.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"the Triton kernel takes float32, bfloat16 or float16 features, got {image_features.dtype}")
-    images, texts = image_features.contiguous(), text_features.contiguous()
-    if image_ids is not None and text_ids is not None:
+    images, texts = block.image_features.contiguous(), block.text_features.contiguous()
+    if images.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"the Triton kernel takes float32, bfloat16 or float16 features, got {images.dtype}")
+    logit_scale, logit_bias = block.logit_scale, block.logit_bias
+    image_ids = text_ids = None
+    if block.uses_ids:
         labels, offset = LABELS_IDS, 0
-        image_ids, text_ids = image_ids.to(torch.int64).contiguous(), text_ids.to(torch.int64).contiguous()
-    elif diagonal_offset is not None:
-        labels, offset = LABELS_DIAGONAL, int(diagonal_offset)
-        image_ids = text_ids = None
+        image_ids, text_ids = block.image_ids.to(torch.int64).contiguous(), block.text_ids.to(torch.int64).contiguous()
+    elif block.diagonal_offset is not None:
+        labels, offset = LABELS_DIAGONAL, int(block.diagonal_offset)
     else:
         labels, offset = LABELS_NONE, 0
-        image_ids = text_ids = None
     blocks = (block_m, block_n, block_k)
     image_sums, grad_image = _one_side(images, texts, logit_scale, logit_bias, labels, offset, image_ids, text_ids,
                                        *blocks)
