@@ -1,14 +1,13 @@
-"""`siglip data export`, `inspect` and `bench`: write any source as WebDataset shards, describe it, time it.
+"""`siglip data export` and `inspect`: write any source as WebDataset shards, describe it.
 
     siglip data export --data shapes --out data/shapes --shard-size 1000 --count 5000
     siglip data inspect --data data/shapes/train-{000000..000004}.tar
-    siglip data bench --data shapes,shapes-shards,shapes-csv --workers 0,1,2 --models tiny,small
 
 Export writes samples as `{position:09d}.jpg` (or .png), `.txt` (the caption), `.cls` (the label of one zero-shot
 task, when the sample has it) and `.json` (the original key and all labels), `--shard-size` samples a shard, and
 the task's class names as `classes.txt` beside the shards, where reading them back finds them. `write_image_table`
-writes the same samples as image files and a CSV table instead (the bench's CSV source; no CLI action of its own).
-The bench itself lives in `siglip.data.throughput`, imported only when asked for.
+writes the same samples as image files and a CSV table instead (the loader benchmark's CSV source, `siglip bench
+data`; no CLI action of its own).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from collections.abc import Iterable
 
 from siglip.data import SPLITS, open_source
 from siglip.data.sample import BadSample, BadSampleLog, Sample
-from siglip.data.throughput import add_bench_arguments  # its flags only; the bench's imports wait for its run
 from siglip.errors import UserError
 
 
@@ -47,13 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inspect.add_argument("--count", type=int, default=5, help="training samples to show (default 5)")
     inspect.add_argument("--seed", type=int, default=0, help="the source's seed (default 0)")
     inspect.set_defaults(action_run=run_inspect)
-    bench = actions.add_parser("bench", help="time the training loader of each source against the training step",
-                               description="Loader throughput (samples/s through make_train_loader: read, decode, "
-                               "transform, collate) of each source and DataLoader worker count, against the samples/s "
-                               "of the training step (forward, backward and AdamW, sigmoid loss) of each model at the "
-                               "same batch: does the loader keep up with the step, or starve it?")
-    bench.set_defaults(action_run=run_bench)
-    add_bench_arguments(bench)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,12 +64,6 @@ def run_export(args: argparse.Namespace) -> int:
                           image_format=args.format, quality=args.quality, strict=args.strict)
     print(json.dumps(report))
     return 0
-
-
-def run_bench(args: argparse.Namespace) -> int:
-    from siglip.data.throughput import run_bench as bench
-
-    return bench(args)
 
 
 def write_shards(samples: Iterable[Sample | BadSample], out: str, *, prefix: str = "train", shard_size: int = 1000,

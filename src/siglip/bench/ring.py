@@ -30,8 +30,8 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+from siglip.bench.memory import peak_rss, pin_malloc, reset_peak_rss
 from siglip.errors import UserError
-from siglip.memory import peak_rss, pin_malloc, reset_peak_rss
 
 IMPLS = ("two_pass", "bidirectional", "single_lap", "sigmoid_all_gather", "softmax_all_gather")
 DTYPES = ("float32", "float64", "bfloat16", "float16")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from siglip import bench_train
+from siglip.bench import train as bench_train
 from siglip.cli import main
 from siglip.errors import UserError
 

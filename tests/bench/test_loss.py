@@ -8,7 +8,7 @@ import types
 
 import pytest
 
-from siglip import bench
+from siglip.bench import loss as bench
 from siglip.cli import main
 
 ROW_KEYS = {"impl", "batch_size", "dim", "ms", "peak_mem_mb"}
@@ -81,7 +81,7 @@ def test_bad_flags_exit_2_naming_the_flag(capsys, argv, message):
 
 def test_bench_ring_is_routed_to_siglip_bench_ring(monkeypatch):
     seen = {}
-    fake = types.ModuleType("siglip.bench_ring")
+    fake = types.ModuleType("siglip.bench.ring")
 
     def add_arguments(parser):
         parser.add_argument("--world-sizes")
@@ -91,9 +91,8 @@ def test_bench_ring_is_routed_to_siglip_bench_ring(monkeypatch):
         seen["args"] = args
         return 0
 
-    fake.add_arguments, fake.run = add_arguments, run
-    monkeypatch.setitem(sys.modules, "siglip.bench_ring", fake)
-    monkeypatch.setattr(sys.modules["siglip"], "bench_ring", fake, raising=False)
+    fake.add_arguments, fake.run, fake.__doc__ = add_arguments, run, "a fake ring bench"
+    monkeypatch.setitem(sys.modules, "siglip.bench.ring", fake)
     assert main(["bench", "ring", "--world-sizes", "2,4", "--json"]) == 0
     assert seen["args"].world_sizes == "2,4" and seen["args"].json is True
 

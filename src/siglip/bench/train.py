@@ -24,7 +24,6 @@ given), gradient clipping and the optimiser update. `--lock-image` freezes the i
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import statistics
@@ -33,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from siglip.bench.record import machine_description, write_marked_section
 from siglip.errors import UserError
 
 MIB = 1 << 20
@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
         load.append(os.getloadavg()[0])
         label = "full batch" if micro_batch is None else f"micro-batch {micro_batch}"
         print(f"siglip bench train: {label} done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    from siglip.bench import machine_description
 
     result = {"rows": rows, "machine": machine_description(args.device), "command": command_line(args),
               "load_average": [min(load), max(load)], "seconds": round(time.perf_counter() - started)}
@@ -194,16 +193,7 @@ def markdown_table(result: dict) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     """Write the table into `path` between DOC_BEGIN and DOC_END when the file has both, else append it."""
-    stamp = datetime.date.today().isoformat()
-    section = f"{DOC_BEGIN}\nMeasured {stamp}. " + markdown_table(result) + DOC_END
-    text = path.read_text() if path.exists() else ""
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        text = head + section + rest.split(DOC_END, 1)[1]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text else "# Training-step benchmark\n\n") + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_marked_section(path, DOC_BEGIN, DOC_END, markdown_table(result), title="Training-step benchmark")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,7 +202,7 @@ def write_markdown(result: dict, path: Path) -> None:
 
 def _run_worker(config: dict) -> dict:
     """Run one configuration in a fresh process; its last stdout line is the JSON row."""
-    command = [sys.executable, "-m", "siglip.bench_train", "--worker"]
+    command = [sys.executable, "-m", "siglip.bench.train", "--worker"]
     done = subprocess.run(command, input=json.dumps(config), stdout=subprocess.PIPE, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
@@ -234,7 +224,7 @@ def worker_main(config: dict) -> dict:
     """Build the preset and AdamW, run `steps` training steps on random inputs, return the measured row."""
     import torch
 
-    from siglip.memory import peak_rss, reset_peak_rss
+    from siglip.bench.memory import peak_rss, reset_peak_rss
     from siglip.model import build_model
     from siglip.optim import build_optimizer
     from siglip.train_config import TrainConfig
@@ -317,8 +307,8 @@ def _limit_address_space(extra: int | None) -> int | None:
     available now); returns the allowed growth, or None where no cap can be set."""
     import resource
 
+    from siglip.bench.memory import status_bytes
     from siglip.feature_cache import available_memory_bytes
-    from siglip.memory import status_bytes
 
     if extra is None:
         available = available_memory_bytes()

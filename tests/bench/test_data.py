@@ -1,4 +1,5 @@
-"""`siglip data bench`: the loader against the training step; full batches from a loader whatever the data holds."""
+"""`siglip bench data` (also `siglip data bench`): the loader against the training step; full batches from a loader
+whatever the data holds."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import random
 
 import pytest
 
+from siglip.bench.data import split_sources, time_batches
 from siglip.cli import main
 from siglip.data import make_train_loader, open_source
 from siglip.data.export import write_image_table
-from siglip.data.throughput import split_sources, time_batches
 from test_data_bad_samples import tensors
 
 ROW_KEYS = {"model", "image_size", "source", "workers", "batches", "samples", "seconds", "loader_samples_per_s", "bad",
@@ -19,13 +20,13 @@ ROW_KEYS = {"model", "image_size", "source", "workers", "batches", "samples", "s
 
 def test_bench_at_tiny_sizes_reports_every_source_and_worker_count(capsys):
     batch_size, steps = random.randint(3, 5), 2
-    argv = ["data", "bench", "--data", "shapes,shapes-shards,shapes-csv", "--workers", "0,2", "--models", "tiny",
+    argv = ["bench", "data", "--data", "shapes,shapes-shards,shapes-csv", "--workers", "0,2", "--models", "tiny",
             "--batch-size", str(batch_size), "--steps", str(steps), "--seconds", "0.5", "--file-image-size", "16",
             "--threads", "1", "--end-to-end", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)          # exactly one JSON object on stdout
     assert {"machine", "command", "load_average", "batch_size", "steps", "train_steps", "rows"} <= result.keys()
-    assert result["command"].startswith("siglip data bench --data shapes,shapes-shards,shapes-csv --workers 0,2")
+    assert result["command"].startswith("siglip bench data --data shapes,shapes-shards,shapes-csv --workers 0,2")
     (step,) = result["train_steps"]
     assert step["model"] == "tiny" and step["image_size"] == 32 and step["samples_per_s"] > 0
     assert step["samples"] == step["batches"] * batch_size
@@ -89,6 +90,7 @@ def test_shard_patterns_keep_their_braces():
 @pytest.mark.parametrize("flags", [["--workers", "0,-1"], ["--workers", "two"], ["--models", "tiny,huge"],
                                    ["--batch-size", "0"], ["--data", "shapes,,digits"], ["--seconds", "0"]])
 def test_bad_flags_are_refused_on_one_line(flags, capsys):
-    assert main(["data", "bench", *flags]) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("siglip data: error:") and "\n" not in error
+    for command in (["bench", "data"], ["data", "bench"]):          # the second: the command's first name
+        assert main([*command, *flags]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("siglip bench: error:") and "\n" not in error

@@ -20,26 +20,24 @@ the gradients of the two feature matrices: the memory an implementation needs be
 On CUDA it is the growth of torch.cuda.max_memory_allocated, less the same gradient bytes. An implementation whose
 n x n matrices would not fit in the available memory is skipped at that size, and its row says so.
 
-`siglip bench ring ...` is the distributed benchmark of `siglip.bench_ring`, imported only when asked for.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from siglip.bench.memory import peak_rss, reset_peak_rss
+from siglip.bench.record import machine_description, write_marked_section
 from siglip.errors import UserError
-from siglip.memory import peak_rss, reset_peak_rss
 
 IMPLS = ("naive", "open_clip", "tiled", "gemm_floor")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -59,56 +57,26 @@ DOC_END = "<!-- siglip bench loss: end -->"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Sub-commands of `siglip bench`: `loss` here, `ring` in `siglip.bench_ring`, `train` in `siglip.bench_train`."""
-    benches = parser.add_subparsers(dest="bench", metavar="BENCH", required=True)
-    loss = benches.add_parser("loss", help="time and memory of the single-device sigmoid loss implementations",
-                              description="\n\n".join(__doc__.split("\n\n")[1:3]),
-                              formatter_class=argparse.RawTextHelpFormatter)
-    loss.add_argument("--batch-sizes", default="1024,2048,4096,8192",
+    """The flags of `siglip bench loss`."""
+    parser.add_argument("--batch-sizes", default="1024,2048,4096,8192",
                       help="comma-separated batch sizes n (default 1024,2048,4096,8192)")
-    loss.add_argument("--dim", type=int, default=256, help="embedding width d (default 256)")
-    loss.add_argument("--dtype", default="float32", choices=DTYPES, help="feature dtype (default float32)")
-    loss.add_argument("--repeats", type=int, default=3, help="timed calls per implementation and size (default 3)")
-    loss.add_argument("--impls", default=",".join(IMPLS),
+    parser.add_argument("--dim", type=int, default=256, help="embedding width d (default 256)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="feature dtype (default float32)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation and size (default 3)")
+    parser.add_argument("--impls", default=",".join(IMPLS),
                       help="comma-separated subset of naive, open_clip, tiled, gemm_floor; 'tiled' expands to every "
                            "backend that runs here; 'tiled-<backend>' names one; IMPL:N runs IMPL only up to n = N "
                            "(default: all, at every size)")
-    loss.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    loss.add_argument("--seed", type=int, default=0, help="seed of the random features (default 0)")
-    loss.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} instead of a table')
-    loss.add_argument("--markdown", metavar="FILE",
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random features (default 0)")
+    parser.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} instead of a table')
+    parser.add_argument("--markdown", metavar="FILE",
                       help=f"write the tables into FILE (between the markers {DOC_BEGIN!r} and {DOC_END!r} if FILE "
                            "has them, otherwise the whole file)")
-    loss.add_argument("--plot", metavar="FILE.png", help="write a log-log plot of time and memory against n")
-    loss.set_defaults(bench_run=run_loss)
-    # The ring benchmark's flags belong to siglip.bench_ring; they are parsed there, after its lazy import.
-    ring = benches.add_parser("ring", help="the distributed losses in gloo processes (siglip.bench_ring)",
-                              add_help=False, prefix_chars="\0")
-    ring.add_argument("ring_args", nargs=argparse.REMAINDER)
-    ring.set_defaults(bench_run=run_ring)
-    from siglip import bench_train  # light: it imports torch only when it runs
-
-    train = benches.add_parser("train", help="peak memory and step time of one training step, with and without "
-                               "--micro-batch (siglip.bench_train)", description=bench_train.__doc__.split("\n\n")[0])
-    bench_train.add_arguments(train)
-    train.set_defaults(bench_run=bench_train.run)
+    parser.add_argument("--plot", metavar="FILE.png", help="write a log-log plot of time and memory against n")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the chosen benchmark; returns the exit status."""
-    return args.bench_run(args)
-
-
-def run_ring(args: argparse.Namespace) -> int:
-    """`siglip bench ring ...`: parse the remaining flags with siglip.bench_ring's parser and run it."""
-    from siglip import bench_ring
-
-    parser = argparse.ArgumentParser(prog="siglip bench ring", description="the distributed losses side by side")
-    bench_ring.add_arguments(parser)
-    return bench_ring.run(parser.parse_args(args.ring_args))
-
-
-def run_loss(args: argparse.Namespace) -> int:
     """`siglip bench loss`: one worker per batch size; print a table or one JSON object; write docs if asked."""
     sizes = parse_batch_sizes(args.batch_sizes)
     for name in ("dim", "repeats"):
@@ -220,27 +188,6 @@ def add_floor_ratios(rows: list[dict]) -> None:
         row["x_floor"] = None if floor is None or row["ms"] is None else round(row["ms"] / floor, 3)
 
 
-def machine_description(device: str) -> str:
-    """A one-line description of where the figures come from."""
-    import torch
-
-    if device == "cuda" and torch.cuda.is_available():
-        where = torch.cuda.get_device_name()
-    else:
-        where = f"{os.cpu_count()}-core CPU ({_cpu_model()}), no GPU"
-    return f"{where}; torch {torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def command_line(args: argparse.Namespace) -> str:
     """The `siglip bench loss` command that reproduces this run, every setting spelled out."""
     parts = ["siglip bench loss", f"--batch-sizes {args.batch_sizes.replace(' ', '')}", f"--dim {args.dim}",
@@ -338,20 +285,10 @@ def target_lines(rows: list[dict]) -> list[str]:
 
 def write_markdown(result: dict, path: Path, plot: str | None = None) -> None:
     """Write the tables into `path`, between DOC_BEGIN and DOC_END when the file already has both markers."""
-    stamp = datetime.date.today().isoformat()
-    section = f"{DOC_BEGIN}\nMeasured {stamp}. " + markdown_tables(result)
+    body = markdown_tables(result)
     if plot:
-        section += f"\n![time and memory against n]({os.path.relpath(plot, path.parent)})\n"
-    section += DOC_END
-    text = path.read_text() if path.exists() else ""
-    if DOC_BEGIN in text and DOC_END in text:
-        head, rest = text.split(DOC_BEGIN, 1)
-        tail = rest.split(DOC_END, 1)[1]
-        text = head + section + tail
-    else:
-        text = "# Loss benchmark\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+        body += f"\n![time and memory against n]({os.path.relpath(plot, path.parent)})\n"
+    write_marked_section(path, DOC_BEGIN, DOC_END, body, title="Loss benchmark")
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
@@ -393,7 +330,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
 
 def _run_worker(config: dict) -> list[dict]:
     """Run one batch size in a fresh process; its last stdout line is the JSON list of rows."""
-    command = [sys.executable, "-m", "siglip.bench", "--worker"]
+    command = [sys.executable, "-m", "siglip.bench.loss", "--worker"]
     done = subprocess.run(command, input=json.dumps(config), stdout=subprocess.PIPE, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:

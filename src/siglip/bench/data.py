@@ -1,4 +1,4 @@
-"""`siglip data bench`: can the training loader feed the training step? Both timed at the same batch.
+"""`siglip bench data`: can the training loader feed the training step? Both timed at the same batch.
 
 Two rates, measured apart in one process, each in samples per second:
 
@@ -50,8 +50,8 @@ MAX_MADE_SAMPLES = 4096
 """At most this many samples are exported for the made sources; longer measurements read them again."""
 
 
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of `siglip data bench` (no heavy import: `siglip data --help` stays quick)."""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `siglip bench data`."""
     parser.add_argument("--data", default=DEFAULT_SOURCES,
                         help="comma-separated sources: shapes, digits, WebDataset shards, a .csv/.tsv/.jsonl table, "
                              "or shapes-shards / shapes-csv (made from shapes in a temporary folder) "
@@ -207,15 +207,15 @@ def parse_workers(text: str) -> list[int]:
     return workers
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    """`siglip data bench`: measure, then print a table or (--json) one JSON object."""
+def run(args: argparse.Namespace) -> int:
+    """`siglip bench data`: measure, then print a table or (--json) one JSON object."""
     result = bench(args)
     print(json.dumps(result) if args.json else format_report(result))
     return 0
 
 
 def bench(args: argparse.Namespace) -> dict:
-    """The measurements `siglip data bench` reports, as a dict (the --json object).
+    """The measurements `siglip bench data` reports, as a dict (the --json object).
 
     Keys: machine, command, load_average ({"start", "end"}: 1, 5 and 15-minute averages), batch_size, steps,
     train_steps ([{model, image_size, batch_size, batches, samples, seconds, samples_per_s}]), rows ([{model,
@@ -245,7 +245,7 @@ def bench(args: argparse.Namespace) -> dict:
 
 
 def _measure(args: argparse.Namespace, sources: list[str], workers: list[int], models: list[str]) -> dict:
-    from siglip.bench import machine_description
+    from siglip.bench.record import machine_description
     from siglip.data import open_source
     from siglip.model import PRESETS
     from siglip.tokenizer import train_tokenizer
@@ -338,8 +338,8 @@ def training_bound(loader_rate: float, step_rate: float, num_workers: int) -> fl
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The `siglip data bench` command that reproduces this run, every setting spelled out."""
-    parts = ["siglip data bench", f"--data {args.data}", f"--workers {args.workers}", f"--models {args.models}",
+    """The `siglip bench data` command that reproduces this run, every setting spelled out."""
+    parts = ["siglip bench data", f"--data {args.data}", f"--workers {args.workers}", f"--models {args.models}",
              f"--batch-size {args.batch_size}", f"--steps {args.steps}", f"--seconds {args.seconds:g}",
              f"--file-image-size {args.file_image_size}"]
     parts += ["--end-to-end"] if args.end_to_end else []
