@@ -126,8 +126,8 @@ class TrainStep:
 
         from siglip.model import build_model
         from siglip.optim import build_optimizer
-        from siglip.train_config import TrainConfig
-        from siglip.train_step import ContrastiveTowers, forward_backward
+        from siglip.train.config import TrainConfig
+        from siglip.train.step import ContrastiveTowers, forward_backward
 
         config = TrainConfig()
         torch.manual_seed(seed)
@@ -160,7 +160,7 @@ def pair_transform(tokenizer: Any, image_size: int, folder: str) -> Any:
     from transformers import AutoProcessor
 
     from siglip.tokenizer import build_processor
-    from siglip.train_step import PairTransform
+    from siglip.train.step import PairTransform
 
     build_processor(tokenizer, image_size=image_size).save_pretrained(folder)
     return PairTransform(AutoProcessor.from_pretrained(folder))
@@ -249,7 +249,7 @@ def _measure(args: argparse.Namespace, sources: list[str], workers: list[int], m
     from siglip.data import open_source
     from siglip.model import PRESETS
     from siglip.tokenizer import train_tokenizer
-    from siglip.train_config import TrainConfig
+    from siglip.train.config import TrainConfig
 
     unknown = [name for name in models if name not in PRESETS]
     if unknown:

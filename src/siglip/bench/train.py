@@ -5,7 +5,7 @@ in its own fresh worker process, so that one configuration's peak cannot hide in
 the preset and AdamW exactly as `siglip train` does (its default hyper-parameters), makes random inputs (pixels
 drawn from a standard normal, token ids uniform over the vocabulary: the cost of a step does not depend on what
 the images show, and random data has no duplicate captions, so the labels are the diagonal), and runs `--steps`
-training steps of `siglip.train_step.forward_backward` (forward, sigmoid loss, backward; in micro-batches when M is
+training steps of `siglip.train.step.forward_backward` (forward, sigmoid loss, backward; in micro-batches when M is
 given), gradient clipping and the optimiser update. `--lock-image` freezes the image tower as `siglip train
 --lock-image` does (LiT: no gradients, no optimiser state for it).
 
@@ -227,8 +227,8 @@ def worker_main(config: dict) -> dict:
     from siglip.bench.memory import peak_rss, reset_peak_rss
     from siglip.model import build_model
     from siglip.optim import build_optimizer
-    from siglip.train_config import TrainConfig
-    from siglip.train_step import ContrastiveTowers, forward_backward
+    from siglip.train.config import TrainConfig
+    from siglip.train.step import ContrastiveTowers, forward_backward
 
     device = torch.device(config["device"])
     n, micro_batch, steps = config["batch_size"], config["micro_batch"], config["steps"]
@@ -308,7 +308,7 @@ def _limit_address_space(extra: int | None) -> int | None:
     import resource
 
     from siglip.bench.memory import status_bytes
-    from siglip.feature_cache import available_memory_bytes
+    from siglip.train.feature_cache import available_memory_bytes
 
     if extra is None:
         available = available_memory_bytes()

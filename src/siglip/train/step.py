@@ -4,8 +4,8 @@
     -> contrastive_loss (siglip.loss: sigmoid or softmax) -> backward, whole or in micro-batches (forward_backward)
 
 `frozen_image_encoder` embeds images with a locked image tower, the micro-batch at a time, for the image-feature
-cache of SigLiT (siglip.feature_cache); `forward_backward` then takes the cached embeddings instead of pixels.
-Nothing here knows about processes, data loading, optimisers or checkpoints: the loop (siglip.train) wires those.
+cache of SigLiT (siglip.train.feature_cache); `forward_backward` then takes the cached embeddings instead of pixels.
+Nothing here knows about processes, data loading, optimisers or checkpoints: the loop (siglip.train.loop) wires those.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class ContrastiveTowers(nn.Module):
         """(n, 3, S, S) images and (n, L) token ids -> (n, d) image and (n, d) text embeddings (L2-normalised),
         t = exp(t') and b.
 
-        image_features: (n, d) embeddings of a locked image tower computed earlier (siglip.feature_cache); they are
-        returned as they are and pixel_values may be None.
+        image_features: (n, d) embeddings of a locked image tower computed earlier (siglip.train.feature_cache); they
+        are returned as they are and pixel_values may be None.
         """
         from siglip.model import encode_images, encode_texts, scale_and_bias
 

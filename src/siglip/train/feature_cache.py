@@ -2,7 +2,7 @@
 
 With the image tower locked (LiT, Zhai et al., 2022; SigLiT in the SigLIP paper, Section 3), an image's embedding
 is the same at every step: the tower's weights never change, it runs in eval mode (no dropout), and training
-applies no random augmentation (`siglip.train_step.PairTransform.augments_images`). So each image is embedded once, on
+applies no random augmentation (`siglip.train.step.PairTransform.augments_images`). So each image is embedded once, on
 the first batch that holds it, and looked up by its sample key (`Sample.key`) whenever it comes back; from the
 second epoch on only the text tower runs.
 

@@ -1,0 +1,232 @@
+"""Training end to end (siglip.train.loop): the loss falls, the export loads, a killed run resumes bitwise, bad
+samples are counted, SigLiT's cache embeds each image once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from siglip.train import TrainConfig, train
+from train.runs import (
+    QUICK,
+    QUICK_FLAGS,
+    child_environment,
+    final_weights,
+    read_metrics,
+    siglip_command,
+    write_table,
+)
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes_run")
+    config = TrainConfig(**{**QUICK, "plots": True}, data="shapes", batch_size=64, steps=40, lr=2e-3,
+                         init_logit_bias=-4.0, checkpoint_every=20, out=str(out), seed=random.randrange(1000))
+    started = time.perf_counter()
+    result = train(config)
+    return out, config, result, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_short_run_on_shapes_lowers_the_loss(shapes_run):
+    out, config, result, _ = shapes_run
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows] == list(range(1, config.steps + 1))
+    for key in ("loss", "logit_scale", "logit_bias", "lr", "samples_per_s", "bad_samples"):
+        assert all(key in row for row in rows), key
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert "zeroshot/color/accuracy" in rows[-1] and "retrieval/image_to_text_r1" in rows[-1]
+    assert set(result["zeroshot"]["per_task"]) >= {"color", "shape"}
+    assert result["bad_samples"] == {}
+    for name in ("loss.png", "scale_bias.png", "pairs.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000020", "step_00000040"]
+
+
+@pytest.mark.slow
+def test_short_run_on_digits_lowers_the_loss(tmp_path):
+    config = TrainConfig(**QUICK, data="digits", batch_size=64, steps=30, lr=2e-3, init_logit_bias=-4.0,
+                         checkpoint_every=0, out=str(tmp_path), seed=random.randrange(1000))
+    result = train(config)
+    rows = read_metrics(tmp_path)
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert set(result["zeroshot"]["per_task"]) == {"digit"}
+
+
+@pytest.mark.slow
+def test_final_loads_with_automodel_and_pipeline(shapes_run):
+    from transformers import AutoModel, pipeline
+
+    from siglip.data import open_source
+    from siglip.model import encode_images, encode_texts, scale_and_bias
+    from siglip.tokenizer import load_processor
+    from siglip.train.step import PairTransform
+
+    out, config, _, _ = shapes_run
+    final = out / "final"
+    model = AutoModel.from_pretrained(str(final)).eval()
+    assert type(model).__name__ == "SiglipModel"
+    checkpoint = load_file(str(out / "checkpoints" / "step_00000040" / "model.safetensors"))
+    for name, value in model.state_dict().items():
+        if name in checkpoint:
+            assert torch.equal(value, checkpoint[name]), name
+
+    # The pipeline, tokenising as the processor saved in final/ says, scores as our own encoders do.
+    sample = open_source("shapes", seed=config.seed).test_samples()[0]
+    labels = ["a red circle", "a blue square", "a green star"]
+    classifier = pipeline("zero-shot-image-classification", model=str(final), device="cpu")
+    scores = {item["label"]: item["score"] for item in classifier(sample.image, candidate_labels=labels,
+                                                                     hypothesis_template="{}")}
+    processor = load_processor(str(final))
+    transform = PairTransform(processor)
+    with torch.no_grad():
+        image = encode_images(model, transform(sample)["pixel_values"][None])
+        texts = encode_texts(model, torch.stack([transform.text(label) for label in labels]))
+        t, b = scale_and_bias(model)
+        want = torch.sigmoid(t * image @ texts.T + b)[0]
+    got = torch.tensor([scores[label] for label in labels])
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
+    # Killed after step 5 at the earliest, so the checkpoint of step 3 is complete and the resume must use it.
+    steps, kill_after = 12, random.randint(5, 9)
+    flags = [*QUICK_FLAGS, "--no-evaluation", "--data", "shapes", "--batch-size", "16", "--steps", str(steps),
+             "--lr", "2e-3", "--checkpoint-every", "3", "--num-workers", "1", "--seed", str(random.randrange(1000))]
+    environment = child_environment()
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run(siglip_command("train", *flags, "--out", str(whole)), env=environment, check=True,
+                   capture_output=True, timeout=300)
+
+    process = subprocess.Popen(siglip_command("train", *flags, "--out", str(broken)), env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = broken / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert process.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (broken / "final").exists()
+
+    resumed = subprocess.run(siglip_command("train", *flags, "--out", str(broken), "--resume"), env=environment,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    want, got = final_weights(whole), final_weights(broken)
+    assert want.keys() == got.keys()
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    # The log holds each step once, with the losses of the uninterrupted run.
+    assert [(r["step"], r["loss"]) for r in read_metrics(broken)] == [(r["step"], r["loss"]) for r in
+                                                                      read_metrics(whole)]
+
+
+@pytest.mark.slow
+def test_init_with_a_locked_image_tower(tmp_path, shapes_run):
+    from siglip.checkpoint import latest_checkpoint, load_checkpoint
+
+    start = shapes_run[0] / "final"
+    config = TrainConfig(**QUICK, data="shapes", batch_size=16, steps=3, lr=1e-3, init=str(start), lock_image=True,
+                         evaluation=False, out=str(tmp_path))
+    train(config)
+    before, after = final_weights(start.parent), final_weights(tmp_path)
+    vision = [name for name in before if name.startswith("vision_model.")]
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    assert not torch.equal(before["text_model.final_layer_norm.weight"], after["text_model.final_layer_norm.weight"])
+    # The optimiser holds state for the text tower, t' and b only.
+    state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints")).optimizer_state
+    assert len(state["state"]) == len(before) - len(vision)
+
+
+@pytest.mark.slow
+def test_bad_samples_are_counted_or_stop_a_strict_run(tmp_path):
+    from siglip.data import BadSample
+
+    table = write_table(tmp_path, rows=14, missing={3, 9})
+    config = TrainConfig(**QUICK, data=str(table), batch_size=4, steps=4, out=str(tmp_path / "run"))
+    result = train(config)                                    # 16 samples: every row of the table at least once
+    assert result["bad_samples"].get("missing_file", 0) >= 2
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["bad/missing_file"] == last["bad_samples"] == sum(result["bad_samples"].values())
+    assert result["retrieval"]["n"] == 12                     # evaluation skips the two bad rows
+
+    with pytest.raises(BadSample, match=r"pairs\.csv:\d+ \(missing_file\)"):
+        train(replace(config, strict=True, out=str(tmp_path / "strict")))
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    result = subprocess.run(siglip_command("train", *QUICK_FLAGS, "--steps", "1", "--out", str(tmp_path)),
+                            env=child_environment(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("siglip train: error: --out")
+    assert "--resume" in result.stderr and "--overwrite" in result.stderr
+
+
+def _count_image_tower_rows(monkeypatch) -> list[int]:
+    """Patch training so that every image the image tower embeds is counted; returns the list of batch sizes."""
+    import siglip.train.loop as train_module
+
+    calls: list[int] = []
+    original = train_module._model_processor_source
+
+    def counting(config, run):
+        model, processor, source = original(config, run)
+        model.vision_model.register_forward_hook(
+            lambda module, args, output: calls.append(output.last_hidden_state.shape[0]))
+        return model, processor, source
+
+    monkeypatch.setattr(train_module, "_model_processor_source", counting)
+    return calls
+
+
+@pytest.mark.slow
+def test_siglit_cache_embeds_each_image_once_and_survives_resume(tmp_path, monkeypatch):
+    table = write_table(tmp_path, rows=6, missing=set())
+    # 6 steps of 4 over a table of 6 rows: every image comes back three to four times.
+    base = TrainConfig(**QUICK, data=str(table), batch_size=4, steps=6, lr=2e-3, lock_image=True, evaluation=False,
+                       checkpoint_every=3, micro_batch=3, seed=random.randrange(1000), out=str(tmp_path / "plain"))
+    calls = _count_image_tower_rows(monkeypatch)
+    train(base)
+    assert sum(calls) == 6 * 4                             # without the cache: every sample of every step
+    calls.clear()
+    cached = replace(base, cache_image_features=True, out=str(tmp_path / "cached"))
+    train(cached)
+    assert sum(calls) == 6                                 # with it: each of the 6 images once
+    want, got = final_weights(tmp_path / "plain"), final_weights(tmp_path / "cached")
+    for name in want:
+        # Rounding only (images embedded in other groupings); Adam may lift it for tiny gradients: allow a
+        # twentieth of one step, and leave out the key biases, whose gradient is rounding noise (as for the
+        # two-process test).
+        if not name.endswith("k_proj.bias"):
+            assert (got[name] - want[name]).abs().max().item() <= 0.05 * 2e-3, name
+
+    # Resume from step 3: the cache is not in the checkpoint and is rebuilt, each image embedded once more.
+    import shutil
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "cached", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000006")
+    shutil.rmtree(resumed / "final")
+    calls.clear()
+    train(replace(cached, out=str(resumed), resume=True))
+    assert sum(calls) == 6                                 # steps 4 to 6 visit all 6 rows again
+    again = final_weights(resumed)
+    for name in got:
+        if not name.endswith("k_proj.bias"):
+            assert (again[name] - got[name]).abs().max().item() <= 0.05 * 2e-3, name
