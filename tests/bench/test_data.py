@@ -8,11 +8,11 @@ import random
 
 import pytest
 
+from data.builders import tensors
 from siglip.bench.data import split_sources, time_batches
 from siglip.cli import main
 from siglip.data import make_train_loader, open_source
 from siglip.data.export import write_image_table
-from test_data_bad_samples import tensors
 
 ROW_KEYS = {"model", "image_size", "source", "workers", "batches", "samples", "seconds", "loader_samples_per_s", "bad",
             "step_samples_per_s", "loader_to_step", "starves", "bound_samples_per_s", "end_to_end_samples_per_s"}

@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
+from data.builders import bad_shard, tensors
 from siglip.data import make_train_loader, open_source
 from siglip.errors import UserError
-from test_data_bad_samples import bad_shard, tensors
 
 
 def take(source, steps, *, world_size, num_workers, start_step=0, seed=0, local_batch=3):

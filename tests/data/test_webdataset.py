@@ -9,10 +9,10 @@ import random
 import numpy as np
 import pytest
 
+from data.builders import encode, random_image, write_tar
 from siglip.cli import main
 from siglip.data import BadSample, open_source
 from siglip.errors import UserError
-from test_data_bad_samples import encode, random_image, write_tar
 
 
 def test_export_then_read_back(tmp_path, capsys):

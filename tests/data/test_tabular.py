@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from data.builders import encode, random_image
 from siglip.data import open_source
 from siglip.errors import UserError
-from test_data_bad_samples import encode, random_image
 
 
 def make_images(folder, count):
