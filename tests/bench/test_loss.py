@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import types
@@ -9,6 +10,7 @@ import types
 import pytest
 
 from siglip.bench import loss as bench
+from siglip.bench import loss_worker
 from siglip.cli import main
 
 ROW_KEYS = {"impl", "batch_size", "dim", "ms", "peak_mem_mb"}
@@ -24,7 +26,7 @@ def test_bench_loss_json_has_a_row_per_implementation_and_size(capsys, tmp_path)
     result = json.loads(capsys.readouterr().out)                       # exactly one JSON object on stdout
     rows = result["rows"]
     impls = ["naive", "open_clip", "tiled", "tiled-torch", "gemm_floor"]          # tiled: the fused kernel
-    if bench.importlib.util.find_spec("open_clip") is None:
+    if importlib.util.find_spec("open_clip") is None:
         impls.remove("open_clip")
     assert [r["impl"] for r in rows] == impls and {r["batch_size"] for r in rows} == {80}
     for row in rows:
@@ -42,10 +44,10 @@ def test_bench_loss_json_has_a_row_per_implementation_and_size(capsys, tmp_path)
 
 
 def test_full_matrix_implementations_are_skipped_when_they_cannot_fit(monkeypatch):
-    monkeypatch.setattr(bench, "_available_bytes", lambda device: 10 * 2**20)     # pretend 10 MiB are free
+    monkeypatch.setattr(loss_worker, "_available_bytes", lambda device: 10 * 2**20)     # pretend 10 MiB are free
     config = {"n": 1024, "dim": 4, "dtype": "float32", "device": "cpu", "repeats": 1, "seed": 0,
               "impls": ["naive", "tiled-torch"]}
-    rows = {r["impl"]: r for r in bench.worker_main(config)}
+    rows = {r["impl"]: r for r in loss_worker.worker_main(config)}
     assert rows["naive"]["ms"] is None and "cannot allocate" in rows["naive"]["skipped"]
     assert "GiB" in rows["naive"]["skipped"]
     assert rows["tiled-torch"]["ms"] > 0 and rows["tiled-torch"]["backend"] == "torch"
@@ -61,7 +63,7 @@ def test_peak_memory_sees_an_allocation_inside_the_call():
         block = torch.ones(size // 4)                                  # 48 MiB, touched
         assert block.sum() > 0
 
-    measured = bench._measure_peak(lambda: step(), (), torch.device("cpu")) / 2**20
+    measured = loss_worker.measure_peak(lambda: step(), (), torch.device("cpu")) / 2**20
     assert 44 < measured < 60, measured
 
 
