@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from siglip.bench.loss_worker import MIB, prepare_cpu_kernel, result_row
-from siglip.bench.record import machine_description, write_marked_section
+from siglip.bench.record import publish, write_marked_section
 from siglip.errors import UserError
 
 IMPLS = ("naive", "open_clip", "tiled", "gemm_floor")
@@ -92,12 +92,8 @@ def run(args: argparse.Namespace) -> int:
         rows.extend(size_rows)
         load.append(os.getloadavg()[0])
         print(f"siglip bench loss: n = {n} done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    result = {"rows": rows, "machine": machine_description(args.device), "command": command_line(args),
-              "load_average": [min(load), max(load)], "seconds": round(time.perf_counter() - started)}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_table(rows))
+    result = publish(rows, device=args.device, command=command_line(args), load=load, started=started,
+                     as_json=args.json, table=format_table(rows))
     if args.markdown:
         write_markdown(result, Path(args.markdown), plot=args.plot)
     if args.plot:

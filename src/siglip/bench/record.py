@@ -7,8 +7,10 @@ into a document between two markers, so that docs/benchmarks.md keeps its prose 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import time
 from pathlib import Path
 
 
@@ -45,3 +47,13 @@ def write_marked_section(path: Path, begin: str, end: str, body: str, *, title: 
         text = (text.rstrip("\n") + "\n\n" if text else f"# {title}\n\n") + section + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def publish(rows: list[dict], *, device: str, command: str, load: list[float], started: float, as_json: bool,
+            table: str) -> dict:
+    """Print a benchmark's result (one JSON object, or `table`) and return the object: its rows, the machine, the
+    command that reproduces it, the range of the one-minute load average while it ran, and its seconds."""
+    result = {"rows": rows, "machine": machine_description(device), "command": command,
+              "load_average": [min(load), max(load)], "seconds": round(time.perf_counter() - started)}
+    print(json.dumps(result) if as_json else table)
+    return result

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from siglip.bench.record import machine_description, write_marked_section
+from siglip.bench.record import publish, write_marked_section
 from siglip.errors import UserError
 
 MIB = 1 << 20
@@ -107,12 +107,8 @@ def run(args: argparse.Namespace) -> int:
         label = "full batch" if micro_batch is None else f"micro-batch {micro_batch}"
         print(f"siglip bench train: {label} done after {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
-    result = {"rows": rows, "machine": machine_description(args.device), "command": command_line(args),
-              "load_average": [min(load), max(load)], "seconds": round(time.perf_counter() - started)}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(format_table(rows))
+    result = publish(rows, device=args.device, command=command_line(args), load=load, started=started,
+                     as_json=args.json, table=format_table(rows))
     if args.markdown:
         write_markdown(result, Path(args.markdown))
     return 0
