@@ -26,6 +26,22 @@ DEFAULT_MAX_IMAGE_PIXELS = 64 * 2**20
 """Images with more pixels than this (64 Mpx, about 8k x 8k) are refused before decoding: decompression bombs."""
 
 
+@dataclass(eq=False)
+class Region:
+    """One object of an image: where it is, the words that pick it out, and what it is."""
+
+    box: tuple[float, float, float, float]
+    """(x0, y0, x1, y1) in pixels of the sample's image, x rightwards and y downwards, continuous coordinates
+    (pixel (i, j) spans [i, i + 1) x [j, j + 1)): the smallest pixel-aligned box holding every pixel the object
+    touches."""
+    phrase: str
+    """A referring expression: words that single the object out among the image's objects ("the red circle")."""
+    labels: dict[str, int]
+    """Task -> class index of this object, in the source's `tasks` order (shapes: color, shape)."""
+    coverage: np.ndarray
+    """(H, W) float32 in [0, 1]: the fraction of each pixel of the image the object covers (0 outside it)."""
+
+
 @dataclass
 class Sample:
     """One image with its caption, as every source yields it."""
@@ -42,6 +58,9 @@ class Sample:
     positive_id: int = 0
     """Pairs with equal ids are positives of each other: the class id for labelled samples, otherwise a stable
     63-bit hash of the normalised caption (see `caption_id`)."""
+    regions: list[Region] | None = None
+    """Where the image's objects are, for sources that know (shapes, when opened with regions=True); None
+    otherwise. Read by the SigLIP 2 recipe (siglip.siglip2): box tokens for its decoder, per-patch labels."""
 
 
 class BadSample(UserError):
