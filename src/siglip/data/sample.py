@@ -59,7 +59,7 @@ class Sample:
     """Pairs with equal ids are positives of each other: the class id for labelled samples, otherwise a stable
     63-bit hash of the normalised caption (see `caption_id`)."""
     regions: list[Region] | None = None
-    """Where the image's objects are, for sources that know (shapes, when opened with regions=True); None
+    """Where the image's objects are, for sources that know (shapes, when opened with with_regions=True); None
     otherwise. Read by the SigLIP 2 recipe (siglip.siglip2): box tokens for its decoder, per-patch labels."""
 
 

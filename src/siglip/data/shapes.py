@@ -7,6 +7,9 @@ never appear in training (in any object of any image); the held-out split shows 
 colour and shape accuracy there measures composition, not recall.
 
 Sample `index` is a pure function of (seed, index): no state, no epoch, any index at any time.
+
+Opened with `with_regions=True`, every sample also carries its objects' `Region`s (box, referring phrase, labels, pixel
+coverage), computed from the geometry the drawing used, for the SigLIP 2 recipe's box tokens and dense labels.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
-from siglip.data.sample import Sample, caption_id
+from siglip.data.sample import Region, Sample, caption_id
 from siglip.data.source import Source
 from siglip.errors import UserError
 from siglip.prompts import COLOR_NAMES, COUNT_NAMES, SHAPE_NAMES, SHAPES_TEMPLATES, SIZE_NAMES
@@ -118,13 +122,28 @@ def _relations(first: list[Thing], second: list[Thing]) -> list[str]:
     return relations
 
 
+@dataclass(frozen=True)
+class Placed:
+    """An object as drawn: centre and radius in pixels of the supersampled canvas, and its jittered colour."""
+
+    thing: Thing
+    cx: float
+    cy: float
+    radius: float
+    color: tuple[int, int, int]
+
+
 def render(things: list[Thing], rng: random.Random, image_size: int) -> Image.Image:
     """An image_size x image_size RGB image of the objects on a dark grey background."""
-    side = image_size * SUPERSAMPLE
-    cell = side / 2
+    grey, placed = place(things, rng, image_size)
+    return draw_placed(grey, placed, image_size)
+
+
+def place(things: list[Thing], rng: random.Random, image_size: int) -> tuple[int, list[Placed]]:
+    """The background grey and where each object goes: all of `render`'s random draws, in its order."""
+    cell = image_size * SUPERSAMPLE / 2
     grey = rng.randrange(0, 48)
-    image = Image.new("RGB", (side, side), (grey, grey, grey))
-    draw = ImageDraw.Draw(image)
+    placed = []
     for thing in things:
         radius = RADIUS[thing.size] * cell
         slack = cell / 2 - radius * 1.15                         # room to move without leaving the cell
@@ -132,11 +151,49 @@ def render(things: list[Thing], rng: random.Random, image_size: int) -> Image.Im
         cy = (thing.cell // 2 + 0.5) * cell + rng.uniform(-slack, slack)
         # A little colour jitter, so a colour is a region of RGB space rather than one memorised value.
         color = tuple(min(255, max(0, channel + rng.randint(-18, 18))) for channel in COLOR_RGB[thing.color])
-        _draw_shape(draw, thing.shape, cx, cy, radius, color)
+        placed.append(Placed(thing, cx, cy, radius, color))
+    return grey, placed
+
+
+def draw_placed(grey: int, placed: list[Placed], image_size: int) -> Image.Image:
+    """The image of placed objects: drawn at SUPERSAMPLE times the size, then box-filtered down."""
+    side = image_size * SUPERSAMPLE
+    image = Image.new("RGB", (side, side), (grey, grey, grey))
+    draw = ImageDraw.Draw(image)
+    for item in placed:
+        _draw_shape(draw, item.thing.shape, item.cx, item.cy, item.radius, item.color)
     return image.reduce(SUPERSAMPLE)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
+def regions(placed: list[Placed], image_size: int) -> list[Region]:
+    """Each placed object's `Region`, from the same rasteriser that drew it (no random draws).
+
+    Each object is drawn alone, white on black, at the supersampled size and box-filtered down like the image, so
+    its coverage is nonzero on exactly the pixels its colour reaches (objects sit in distinct cells and never
+    overlap). The phrase names colour and shape, adds the size only when another object shares colour and shape,
+    and the place only when another shares all three.
+    """
+    side = image_size * SUPERSAMPLE
+    found = []
+    for item in placed:
+        mask = Image.new("L", (side, side), 0)
+        _draw_shape(ImageDraw.Draw(mask), item.thing.shape, item.cx, item.cy, item.radius, 255)
+        coverage = np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0     # (H, W) in [0, 1]
+        rows, cols = np.nonzero(coverage)
+        box = (float(cols.min()), float(rows.min()), float(cols.max() + 1), float(rows.max() + 1))
+        thing, others = item.thing, [other.thing for other in placed if other is not item]
+        words = [thing.color, thing.shape]
+        if any((o.color, o.shape) == (thing.color, thing.shape) for o in others):
+            words.insert(0, thing.size)
+        phrase = "the " + " ".join(words)
+        if any((o.size, o.color, o.shape) == (thing.size, thing.color, thing.shape) for o in others):
+            phrase += f" in the {PLACES[thing.cell]}"
+        labels = {"color": COLOR_NAMES.index(thing.color), "shape": SHAPE_NAMES.index(thing.shape)}
+        found.append(Region(box=box, phrase=phrase, labels=labels, coverage=coverage))
+    return found
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple | int) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=color)
     elif shape == "square":
@@ -168,10 +225,12 @@ def _star_points(cx: float, cy: float, outer: float, inner: float | None, points
 class ShapesSource(Source):
     """The shapes world: endless training stream, 600 held-out images, tasks `color`, `shape`, `count`."""
 
-    def __init__(self, *, seed: int = 0, image_size: int = 64, split: str = "train"):
+    def __init__(self, *, seed: int = 0, image_size: int = 64, split: str = "train",
+                 with_regions: bool = False):
         if image_size < 16:
             raise UserError(f"image_size must be at least 16 for shapes, got {image_size}; objects would vanish")
         self.name, self.seed, self.image_size, self.split = "shapes", seed, image_size, split
+        self.with_regions = with_regions       # Sample.regions; off by default, as they cost a drawing per object
         self.tasks = {"color": list(COLOR_NAMES), "shape": list(SHAPE_NAMES), "count": list(COUNT_NAMES)}
         self.templates = {task: list(templates) for task, templates in SHAPES_TEMPLATES.items()}
         held_out = set(HELD_OUT_PAIRS)
@@ -223,12 +282,14 @@ class ShapesSource(Source):
 
     def _make(self, things: list[Thing], rng: random.Random, key: str) -> Sample:
         caption, core = describe(things, rng)
-        image = render(things, rng, self.image_size)
+        grey, placed = place(things, rng, self.image_size)
+        image = draw_placed(grey, placed, self.image_size)
         labels = {"count": len(things) - 1}
         if len(things) == 1:
             labels.update(color=COLOR_NAMES.index(things[0].color), shape=SHAPE_NAMES.index(things[0].shape))
         # Captions that state the same content (whatever their framing words) are positives of each other.
-        return Sample(image=image, caption=caption, key=key, labels=labels, positive_id=caption_id(core))
+        return Sample(image=image, caption=caption, key=key, labels=labels, positive_id=caption_id(core),
+                      regions=regions(placed, self.image_size) if self.with_regions else None)
 
 
 def _draw_things(rng: random.Random, count: int, pairs: list[tuple[str, str]]) -> list[Thing]:
