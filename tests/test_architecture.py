@@ -21,6 +21,7 @@ LAYERS = [
     ("towers and files", ["siglip.model", "siglip.tokenizer", "siglip.prompts", "siglip.checkpoint", "siglip.optim",
                           "siglip.plots"]),
     ("data", ["siglip.data"]),
+    ("siglip 2 recipe", ["siglip.siglip2"]),
     ("evaluation", ["siglip.evaluate"]),
     ("training", ["siglip.train"]),
     ("measuring and studies", ["siglip.bench", "siglip.experiments"]),
