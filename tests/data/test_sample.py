@@ -91,6 +91,7 @@ def test_every_bad_kind_in_a_shard_is_skipped_counted_and_logged(tmp_path, caplo
     logged = " ".join(record.getMessage() for record in caplog.records)
     assert sum("skipping" in record.getMessage() for record in caplog.records) <= 10     # rate-limited
     assert any(f"shard.tar:{key}" in logged for key in expected)
+    assert "--strict" not in logged       # a run that skips is not told to run without --strict to skip
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -104,6 +105,7 @@ def test_strict_raises_the_first_bad_sample_with_its_key(tmp_path, num_workers):
         next(batches)
     key = source.records[source.record_of(first_bad)][1]
     assert caught.value.key.endswith(f":{key}") and caught.value.kind == expected[key]
+    assert str(caught.value).endswith("; fix or remove it, or run without --strict to skip it")
     with pytest.raises(BadSample):
         open_source(str(tmp_path / "shard.tar"), strict=True).test_samples()
 

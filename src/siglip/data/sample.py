@@ -76,9 +76,14 @@ class BadSample(UserError):
         self.key = key
         self.detail = detail
 
-    def __str__(self) -> str:
+    def describe(self) -> str:
+        """What is wrong, without advice: the line logged when the sample is skipped."""
         detail = f": {self.detail}" if self.detail else ""
-        return f"bad sample {self.key} ({self.kind}){detail}; fix or remove it, or run without --strict to skip it"
+        return f"bad sample {self.key} ({self.kind}){detail}"
+
+    def __str__(self) -> str:
+        # Raised only when a run stops at it (--strict): the advice names the way to skip it instead.
+        return f"{self.describe()}; fix or remove it, or run without --strict to skip it"
 
 
 class BadSampleLog:
@@ -92,7 +97,7 @@ class BadSampleLog:
         self.counts[error.kind] += 1
         count, total = self.counts[error.kind], sum(self.counts.values())
         if total <= self.first:
-            logger.warning("skipping %s", error)
+            logger.warning("skipping %s", error.describe())
         elif count >= 100 and str(count).rstrip("0") == "1":
             logger.warning("skipped %d samples of kind %s so far (latest: %s)", count, error.kind, error.key)
 
