@@ -101,3 +101,17 @@ def test_loader_arguments_are_checked():
                     "num_workers": 0, **arguments}
         with pytest.raises(UserError, match=name):
             make_train_loader(source, **settings)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_the_loader_leaves_the_global_random_generator_alone(num_workers):
+    # Training restores torch's global RNG from a checkpoint before its loader starts: a draw from that RNG when the
+    # loader starts (the DataLoader's base seed, taken from the global generator unless it has its own) would put
+    # a resumed run one random number ahead of an uninterrupted one.
+    source = open_source("digits", image_size=8, seed=random.randrange(10**6))
+    before = torch.get_rng_state()
+    loader = make_train_loader(source, transform=tensors, local_batch=4, rank=0, world_size=1, start_step=0,
+                               seed=random.randrange(10**6), num_workers=num_workers)
+    next(loader)
+    loader.close()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -128,8 +128,12 @@ def make_train_loader(source: Source, *, transform: Callable[[Sample], dict[str,
     if not 0 <= rank < world_size:
         raise UserError(f"rank must lie in 0 ... {world_size - 1} for world_size {world_size}, got {rank}")
     dataset = _StepBatches(source, transform, local_batch, rank, world_size, seed, strict)
+    # Starting an iteration draws the workers' base seed from `generator`, or from torch's global generator when
+    # there is none: that draw would put a resumed run (whose loader starts after the RNG is restored) one random
+    # number ahead of an uninterrupted one. The loader's own generator leaves the global one alone.
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(dataset, batch_size=None, sampler=itertools.count(start_step), num_workers=num_workers,
-                        collate_fn=_as_is, worker_init_fn=_one_thread if num_workers else None)
+                        collate_fn=_as_is, worker_init_fn=_one_thread if num_workers else None, generator=generator)
     return _batches(loader)
 
 
