@@ -1,7 +1,8 @@
 """The exchanges behind the distributed losses: point-to-point hops, agreement checks, all-gathers with gradients.
 
-Everything here is small on purpose. `siglip.ring` composes these pieces into the rings of the sigmoid loss and the
-all-gather baseline, `siglip.softmax` into CLIP's gathered loss; before either exchanges a byte, the ranks agree on
+Everything here is small on purpose. `siglip.ring` composes these pieces (point-to-point hops, the lap of blocks with
+their gradient accumulators one hop behind, all-gathers) into the rings of the sigmoid loss and the all-gather
+baseline, `siglip.softmax` into CLIP's gathered loss; before either exchanges a byte, the ranks agree on
 what they are about to do (`Agreement`), so that a mismatch is one ValueError on every rank instead of a hang. Each
 piece counts what it sends in a `CommStats`, so the benchmark reports bytes and synchronisation points as the code
 itself moved them, not as a formula predicts.
@@ -21,10 +22,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from siglip.kernels.block import accumulation_dtype
+
 PHASES = ("forward", "backward")
 LOSS_CALLS = ("two_pass", "bidirectional", "single_lap", "all_gather", "softmax_loss")
 """What a rank can be calling when the group agrees: each ring of the sigmoid loss, and the gathered softmax loss."""
 DTYPE_CODES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Message tags: gloo pairs sends and receives by (peer, tag); each stream of blocks gets its own tags.
+TAG_BLOCK, TAG_IDS, TAG_GRAD = 0, 1, 2
 
 
 @dataclass
@@ -258,3 +263,61 @@ def join_agreement_after_invalid_input(
 ) -> None:
     """For `siglip.loss`: a rank whose local validation failed joins its peers' agreement and raises `error`."""
     Agreement.join_invalid(what, group, device, error)
+
+
+def lap_with_accumulators(setup: Agreement, texts: torch.Tensor, contribution, phase: str, keep: bool,
+                          while_first_travels=None) -> torch.Tensor | None:
+    """One lap of the text blocks r -> r + 1, each block's gradient accumulator following one hop behind it.
+
+    At step s (1 .. D - 1) this rank holds the block of rank r - s, and `contribution(block, block_ids)` returns its
+    own part of that block's gradient ((n, d), accumulation dtype). The accumulator of that block, holding the parts
+    of ranks r - s + 1 .. r - 1, arrives from r - 1 while the part is computed; this rank adds its part and passes
+    the accumulator on. The one sent at step D - 1 reaches its owner r + 1 complete. `while_first_travels`, if
+    given, runs while the first block is on its way (the forward pass computes the rank's own block then).
+
+    Returns the accumulator of this rank's own block (every other rank's part summed), or None unless `keep`.
+    """
+    p2p = PointToPoint(setup.group, setup.stats, phase)
+    hops, ids = setup.world - 1, setup.ids
+    nxt, prv = setup.peer(+1), setup.peer(-1)
+    acc_dtype = accumulation_dtype(texts.dtype)
+
+    def block_ops(block, block_ids):
+        buffer = (torch.empty_like(texts), None if ids is None else torch.empty_like(ids))
+        sends = [(block, nxt, TAG_BLOCK)]
+        recvs = [(buffer[0], prv, TAG_BLOCK)]
+        if ids is not None:
+            sends.append((block_ids, nxt, TAG_IDS))
+            recvs.append((buffer[1], prv, TAG_IDS))
+        return sends, recvs, buffer
+
+    sends, recvs, incoming = block_ops(texts, ids)
+    block_works = p2p.post(sends, recvs)
+    if while_first_travels is not None:
+        while_first_travels()
+    grad_works, grad_in = [], None
+    for step in range(1, hops + 1):
+        p2p.wait(block_works)
+        current = incoming
+        # Post, before computing: forward this block if it has further to go and receive the next one; then receive
+        # the accumulator of the block arriving next (at the last step: of this rank's own block, coming home).
+        # Towards one peer the order is always block, ids, accumulator, on both sides, as NCCL's pairing needs.
+        block_works = []
+        if step < hops:
+            sends, recvs, incoming = block_ops(*current)
+            block_works = p2p.post(sends, recvs)
+        if keep:
+            arriving = torch.empty(texts.shape, dtype=acc_dtype, device=texts.device)
+            next_grad_works = p2p.post(recvs=[(arriving, prv, TAG_GRAD)])
+        part = contribution(*current)
+        if keep:
+            if step > 1:
+                p2p.wait(grad_works)                       # the accumulator of `current`, from rank r - 1
+                accumulator = grad_in.add_(part)           # in place: the buffer is ours until it is sent
+            else:
+                accumulator = part                         # this rank is the block's first visitor
+            p2p.post(sends=[(accumulator, nxt, TAG_GRAD)])
+            grad_works, grad_in = next_grad_works, arriving
+        del part
+    p2p.wait(grad_works)
+    return grad_in if keep else None

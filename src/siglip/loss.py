@@ -52,8 +52,14 @@ def sigmoid_loss(
             None means the identity labels (z_ii = +1, z_ij = -1 otherwise).
         chunk: image rows per tile; None picks one automatically.
         ring: which ring implementation runs under a group ("auto" picks the fastest measured).
-        backend: the single-device kernel: "torch", "cpu_fused" (CPU, float32 arithmetic), "triton" (CUDA) or
-            "auto", the fastest for the features' device and dtype (see `siglip.kernels`).
+        backend: the kernel of each block (on one process, and of each rank's blocks under a group): "torch",
+            "cpu_fused" (CPU, float32 arithmetic), "triton" (CUDA) or "auto", the fastest for the features' device
+            and dtype (see `siglip.kernels`).
+
+    On CUDA nothing here reads a tensor's value back to the host: t and b reach the kernel as 0-d device tensors,
+    and the finiteness of t and b is checked on the CPU only (a check on the device would wait for it on every
+    call); a non-finite t or b on CUDA gives a non-finite loss and gradients instead of a ValueError. Under a group
+    the ranks' agreement (one all-gather of a few integers, read on the host) is a synchronisation by design.
 
     Returns:
         0-d tensor: this rank's share of the loss divided by n (float32 for 16-bit inputs; float64 stays float64).
@@ -71,7 +77,7 @@ def sigmoid_loss(
     if world > 1:
         return ring_module.ring_sigmoid_loss(
             image_features, text_features, logit_scale, logit_bias, group,
-            positive_ids=positive_ids, chunk=chunk, implementation=ring,
+            positive_ids=positive_ids, chunk=chunk, implementation=ring, backend=backend,
         )
     return TiledSigmoidLoss.apply(image_features, text_features, logit_scale, logit_bias, positive_ids, chunk, backend)
 
@@ -192,6 +198,8 @@ def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -
 
 
 def _check_scalar(name: str, value: torch.Tensor, device: torch.device) -> None:
+    """Shape, dtype and device of t or b; its finiteness where reading it is free (the CPU), never on a GPU, where
+    the read would make the host wait for the device on every call."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a 0-d or 1-element tensor, got {type(value).__name__}")
     if value.numel() != 1:
@@ -200,7 +208,7 @@ def _check_scalar(name: str, value: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name} must be on the features' device {device}, got {value.device}")
-    if not math.isfinite(float(value.detach().reshape(()))):
+    if value.device.type == "cpu" and not math.isfinite(float(value.detach().reshape(()))):
         raise ValueError(f"{name} must be finite, got {float(value.detach().reshape(()))}")
 
 

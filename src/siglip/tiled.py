@@ -19,8 +19,8 @@ from siglip.kernels.block import Block, BlockResult
 def sigmoid_block(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
-    logit_scale: float,
-    logit_bias: float,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
     *,
     diagonal_offset: int | None = None,
     image_ids: torch.Tensor | None = None,
@@ -36,8 +36,9 @@ def sigmoid_block(
             (`siglip.kernels.block.accumulation_dtype`); the Triton backend reads them as they are and accumulates
             in float32.
         text_features: (m, d), same dtype and device.
-        logit_scale: t, the temperature itself (not its log).
-        logit_bias: b.
+        logit_scale: t, the temperature itself (not its log): a float or a 0-d tensor on the features' device. A
+            tensor is read on the device, so a CUDA call never waits for the device (`siglip.kernels.block.Block`).
+        logit_bias: b, a float or a 0-d tensor.
         diagonal_offset: positives sit at (i, i + offset); None means this block holds no diagonal.
             Ignored when ids are given.
         image_ids, text_ids: (c,) and (m,) integer ids; a pair is positive where they are equal.
@@ -67,8 +68,8 @@ class TiledSigmoidLoss(torch.autograd.Function):
         result = sigmoid_block(
             image_features,
             text_features,
-            float(logit_scale.detach().reshape(())),
-            float(logit_bias.detach().reshape(())),
+            logit_scale.detach().reshape(()),          # tensors, not floats: float() would sync a CUDA device
+            logit_bias.detach().reshape(()),
             diagonal_offset=None if ids is not None else 0,
             image_ids=ids,
             text_ids=ids,

@@ -22,10 +22,11 @@ class Block:
     """(c, d) float32, float64, bfloat16 or float16."""
     text_features: torch.Tensor
     """(m, d), same dtype and device."""
-    logit_scale: float
-    """t, the temperature itself (not its log)."""
-    logit_bias: float
-    """b."""
+    logit_scale: float | torch.Tensor
+    """t, the temperature itself (not its log): a float, or a 0-d tensor on the features' device, which the kernels
+    read on the device (no host-device synchronisation; on the CPU reading it costs nothing)."""
+    logit_bias: float | torch.Tensor
+    """b, as a float or a 0-d tensor like `logit_scale`."""
     diagonal_offset: int | None = None
     """Positives sit at (i, i + offset); None: the block holds no diagonal. Ignored when ids are given."""
     image_ids: torch.Tensor | None = None

@@ -23,8 +23,8 @@ def sigmoid_block(block: Block, *, chunk: int | None = None, column_chunk: int |
 
 def torch_tile(
     scores: torch.Tensor,
-    logit_scale: float,
-    logit_bias: float,
+    logit_scale: float | torch.Tensor,
+    logit_bias: float | torch.Tensor,
     *,
     first_diagonal_column: int | None = None,
     row_ids: torch.Tensor | None = None,

@@ -18,14 +18,14 @@ class TileFunction(Protocol):
     """The element-wise part of one tile, in place.
 
     scores: (r, k) similarities <x_i, y_j>, overwritten with g_ij = d loss / d logit_ij.
-    logit_scale, logit_bias: t and b.
+    logit_scale, logit_bias: t and b: Python floats on the CPU, 0-d tensors of the scores' dtype and device elsewhere.
     first_diagonal_column: row i's positive is column i + first_diagonal_column, where inside the tile; None (and
         no ids): every pair is a negative.
     row_ids, column_ids: (r,) and (k,) ids; a pair is positive where they are equal (takes precedence).
     Returns (sum_ij loss_ij, sum_ij g_ij), as floats or 0-d tensors.
     """
 
-    def __call__(self, scores: torch.Tensor, logit_scale: float, logit_bias: float, *,
+    def __call__(self, scores: torch.Tensor, logit_scale: float | torch.Tensor, logit_bias: float | torch.Tensor, *,
                  first_diagonal_column: int | None = None, row_ids: torch.Tensor | None = None,
                  column_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | float, torch.Tensor | float]: ...
 
@@ -42,7 +42,8 @@ def run_tiles(block: Block, tile: TileFunction, *, chunk: int, column_chunk: int
     texts = block.text_features.to(acc).contiguous()
     chunk = max(1, min(int(chunk), rows))
     column_chunk = min(max(1, int(column_chunk)), cols)
-    scale, bias, use_ids = block.logit_scale, block.logit_bias, block.uses_ids
+    scale, bias = scalar_operands(block, acc)
+    use_ids = block.uses_ids
 
     grad_image = torch.empty(rows, dim, dtype=acc, device=images.device)
     grad_text = torch.zeros(cols, dim, dtype=acc, device=images.device)
@@ -67,9 +68,21 @@ def run_tiles(block: Block, tile: TileFunction, *, chunk: int, column_chunk: int
             loss = loss + tile_loss
             grad_bias = grad_bias + tile_grad_sum
             image_grad.addmm_(scores, tile_texts)                 # (r, d) += g y
-            grad_text[col_start:col_stop].addmm_(scores.t(), tile_images, alpha=scale)  # (k, d) += t g^T x
+            grad_text[col_start:col_stop].addmm_(scores.t(), tile_images)      # (k, d) += g^T x
         # d loss / d t = sum_ij g_ij <x_i, y_j> = sum_i <x_i, sum_j g_ij y_j>: no second pass over any tile.
         grad_scale = grad_scale + torch.dot(image_grad.reshape(-1), tile_images.reshape(-1))
         image_grad.mul_(scale)
+    grad_text.mul_(scale)                         # d logit / d y = t x: t applied once, to the whole sum
     as_tensor = lambda value: torch.as_tensor(value, dtype=acc, device=images.device)  # noqa: E731
     return BlockResult(as_tensor(loss), grad_image, grad_text, as_tensor(grad_scale), as_tensor(grad_bias))
+
+
+def scalar_operands(block: Block, acc: torch.dtype) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """t and b as the tile loop uses them: Python floats on the CPU, where reading a tensor costs nothing (the fused
+    C tile takes floats); elsewhere 0-d tensors of the accumulation dtype on the features' device, so that no value
+    is read back to the host (no host-device synchronisation)."""
+    device = block.image_features.device
+    if device.type == "cpu":
+        return float(block.logit_scale), float(block.logit_bias)
+    return tuple(torch.as_tensor(value, device=device).detach().reshape(()).to(acc)
+                 for value in (block.logit_scale, block.logit_bias))

@@ -36,13 +36,15 @@ LABELS_NONE, LABELS_DIAGONAL, LABELS_IDS = 0, 1, 2
 def _sigmoid_rows_kernel(
     a_ptr, b_ptr, grad_ptr, row_loss_ptr, row_grad_ptr, row_grad_s_ptr, a_ids_ptr, b_ids_ptr,
     n_rows, n_cols, dim, stride_a, stride_b, stride_grad,
-    scale, bias, diagonal_offset,
+    scale_ptr, bias_ptr, diagonal_offset,
     LABELS: tl.constexpr, IEEE_FP32: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
+    scale = tl.load(scale_ptr)                                        # t and b read on the device: no host sync
+    bias = tl.load(bias_ptr)
     if LABELS == 2:
         a_ids = tl.load(a_ids_ptr + rows, mask=row_ok, other=0)
     loss_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -119,6 +121,7 @@ def _one_side(a, b, scale, bias, labels, offset, a_ids, b_ids, block_m, block_n,
     """Run the row kernel of `a` against `b`: per-row sums (3, rows) and the unscaled gradient sum_j g_ij b_j."""
     rows, dim = a.shape
     grad = torch.zeros(rows, dim, dtype=torch.float32, device=a.device)
+    scale, bias = (torch.as_tensor(v, device=a.device).detach().reshape(1).to(torch.float32) for v in (scale, bias))
     sums = torch.empty(3, rows, dtype=torch.float32, device=a.device)
     ids_a = a_ids if a_ids is not None else sums          # any tensor: the pointer is never read without ids
     ids_b = b_ids if b_ids is not None else sums
@@ -126,7 +129,7 @@ def _one_side(a, b, scale, bias, labels, offset, a_ids, b_ids, block_m, block_n,
     _sigmoid_rows_kernel[grid](
         a, b, grad, sums[0], sums[1], sums[2], ids_a, ids_b,
         rows, b.shape[0], dim, a.stride(0), b.stride(0), grad.stride(0),
-        float(scale), float(bias), int(offset),
+        scale, bias, int(offset),
         LABELS=labels, IEEE_FP32=a.dtype == torch.float32, UPCAST_DOT=INTERPRETED and a.dtype == torch.bfloat16,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
@@ -144,7 +147,10 @@ def sigmoid_block(block: Block, *, chunk: int | None = None, column_chunk: int |
     images, texts = block.image_features.contiguous(), block.text_features.contiguous()
     if images.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"the Triton kernel takes float32, bfloat16 or float16 features, got {images.dtype}")
-    logit_scale, logit_bias = block.logit_scale, block.logit_bias
+    # t and b stay where they are (0-d tensors on the GPU are loaded by the kernels): reading them with float()
+    # would make the host wait for the device on every call.
+    logit_scale, logit_bias = (torch.as_tensor(v, device=images.device).detach().reshape(()).to(torch.float32)
+                               for v in (block.logit_scale, block.logit_bias))
     image_ids = text_ids = None
     if block.uses_ids:
         labels, offset = LABELS_IDS, 0
