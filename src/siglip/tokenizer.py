@@ -14,6 +14,12 @@ did. Two conventions make that hold (see `siglip.model` for the model side):
 
 The alphabet is the corpus's characters (the most frequent ones, if there are more than the vocabulary holds);
 a character never seen in training becomes `<unk>`.
+
+A checkpoint's own tokenizer (Google's sentencepiece or Gemma tokenizer, right-padded to 64 tokens without a
+mask) is used as it is: the same text gives the same ids before and after fine-tuning.
+
+Images: a fixed-resolution processor resizes to S x S; a NaFlex processor (`Siglip2ImageProcessor`) resizes each
+image, keeping its aspect ratio, to the most patches its budget allows and pads the patch sequence to the budget.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, SiglipProcessor
 
 from siglip.errors import UserError
-from siglip.model import EOS_TOKEN_ID, PAD_TOKEN_ID, PIPELINE_TEXT_LENGTH
+from siglip.model import EOS_TOKEN_ID, PAD_TOKEN_ID, PIPELINE_TEXT_LENGTH, PRESETS, check_text_length, pack_patches
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
 """In id order: `<pad>` = 0, `</s>` = 1 (`siglip.model.PAD_TOKEN_ID`, `EOS_TOKEN_ID`), `<unk>` = 2."""
@@ -53,8 +59,8 @@ def train_tokenizer(
         captions: training text; duplicates count (BPE merges frequent pairs first).
         vocab_size: at most this many tokens (3 special tokens, the alphabet, merges); a small corpus may yield
             fewer: size the model with `len(tokenizer)`.
-        max_length: tokens per caption after padding and truncation (at most 64, the pipeline's length, for the
-            zero-shot pipeline to reproduce training exactly).
+        max_length: tokens per caption after padding and truncation, 2 to 64 (the pipeline's length: the export
+            pads to it, and a caption of at most max_length tokens then has the same embedding as in training).
         seed: picks the subsample when there are more than `MAX_TRAINING_CAPTIONS` captions.
 
     Returns:
@@ -66,8 +72,7 @@ def train_tokenizer(
         raise UserError("train_tokenizer got no non-empty captions; check the data source's caption_corpus")
     if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"vocab_size must be at least {MIN_VOCAB_SIZE}, got {vocab_size}")
-    if max_length < 2:
-        raise UserError(f"max_length must be at least 2 (a token and </s>), got {max_length}")
+    check_text_length(max_length)
     if len(captions) > MAX_TRAINING_CAPTIONS:
         captions = random.Random(seed).sample(captions, MAX_TRAINING_CAPTIONS)
 
@@ -131,11 +136,31 @@ def build_processor(
     image_size: int,
     image_mean: tuple[float, float, float] = SIGLIP_MEAN,
     image_std: tuple[float, float, float] = SIGLIP_STD,
-) -> SiglipProcessor:
-    """A `SiglipProcessor`: `tokenizer` plus an image processor that resizes (bicubic) to image_size x image_size
-    pixels, scales to [0, 1] and normalises by `image_mean` / `image_std` (SigLIP's: to [-1, 1])."""
+    preset: str | None = None,
+    max_num_patches: int | None = None,
+):
+    """A processor: `tokenizer` plus an image processor that scales pixels to [0, 1] and normalises them by
+    `image_mean` / `image_std` (SigLIP's: to [-1, 1]).
+
+    For a fixed-resolution model (`preset` None or not NaFlex) a `SiglipProcessor` that resizes (bicubic) to
+    image_size x image_size. For a NaFlex preset a `Siglip2Processor` whose image processor resizes each image
+    (bilinear), keeping its aspect ratio, to at most `max_num_patches` patches of the preset's patch size (default:
+    as many as a square image_size x image_size image has) and pads the patch sequence to that budget.
+    """
     if image_size < 1:
         raise UserError(f"image_size must be a positive number of pixels, got {image_size}")
+    if preset is not None and preset in PRESETS and PRESETS[preset].naflex:
+        from transformers import Siglip2Processor
+
+        patch_size = PRESETS[preset].patch_size
+        budget = max_num_patches if max_num_patches is not None else (image_size // patch_size) ** 2
+        _check_patch_budget(budget)
+        image_processor = _naflex_image_processor_class()(
+            patch_size=patch_size, max_num_patches=budget, image_mean=list(image_mean), image_std=list(image_std))
+        return Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    if max_num_patches is not None:
+        raise UserError(f"a patch budget (max_num_patches {max_num_patches}) applies to NaFlex models only; "
+                        f"preset {preset!r} has a fixed resolution: set its --image-size instead")
     try:  # transformers 5 names the PIL implementation apart from the torchvision one (torchvision is absent here)
         from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil as ImageProcessor
     except ImportError:  # transformers 4.x: SiglipImageProcessor is the PIL one
@@ -144,6 +169,36 @@ def build_processor(
         size={"height": image_size, "width": image_size}, image_mean=list(image_mean), image_std=list(image_std)
     )
     return SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def set_patch_budget(processor, max_num_patches: int) -> None:
+    """Give a NaFlex processor a new patch budget (at most this many patches an image); UserError for a
+    fixed-resolution processor."""
+    if not _is_naflex_image_processor(processor.image_processor):
+        raise UserError(f"a patch budget (max_num_patches {max_num_patches}) applies to NaFlex (SigLIP 2, "
+                        f"model_type 'siglip2') checkpoints only; this one has a "
+                        f"{type(processor.image_processor).__name__} of fixed resolution")
+    _check_patch_budget(max_num_patches)
+    processor.image_processor.max_num_patches = max_num_patches
+
+
+def _check_patch_budget(max_num_patches: int) -> None:
+    if not isinstance(max_num_patches, int) or max_num_patches < 1:
+        raise UserError(f"the patch budget (max_num_patches) must be a positive number of patches, "
+                        f"got {max_num_patches!r}")
+
+
+def _naflex_image_processor_class() -> type:
+    try:  # the PIL implementation where transformers 5 names it apart from the torchvision one
+        from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
+        return Siglip2ImageProcessorPil
+    except ImportError:
+        from transformers import Siglip2ImageProcessor
+        return Siglip2ImageProcessor
+
+
+def _is_naflex_image_processor(image_processor) -> bool:
+    return hasattr(image_processor, "max_num_patches") and hasattr(image_processor, "patch_size")
 
 
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "config.json")
@@ -170,10 +225,10 @@ def _holds_processor(directory: str) -> bool:
 
 
 def text_length(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Tokens per caption: the tokenizer's declared length when it pads on the left; otherwise (and where it
-    declares none) the pipeline's 64, because a right-padded caption matches the pipeline only at full length."""
+    """Tokens per caption: the length the tokenizer declares (ours: the run's --max-text-length; Google's SigLIP
+    v1: 64), or the pipeline's 64 where it declares none (a Gemma tokenizer declares 10^30)."""
     declared = tokenizer.model_max_length
-    if tokenizer.padding_side != "left" or not declared or declared > 100_000:
+    if not declared or declared > 100_000:
         return PIPELINE_TEXT_LENGTH
     return int(declared)
 
@@ -246,6 +301,36 @@ class ImageTransform:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+class ImageTooSmall(UserError):
+    """An image narrower or lower than one NaFlex patch: it has no patch to embed. The training loader skips and
+    counts it (kind "image_too_small"), evaluation skips and counts it, --strict stops on it."""
+
+    kind = "image_too_small"
+
+
+class NaFlexImageTransform:
+    """Picklable PIL image -> (1 + P, 3 p^2) float32 packed NaFlex patches (`siglip.model.pack_patches`).
+
+    The patches are those of the processor's own image processor (`Siglip2ImageProcessor`): the image resized,
+    keeping its aspect ratio, to the largest patch grid within the budget P, rescaled, normalised and cut into
+    patches, padded to P; the grid goes into row 0. An image narrower or lower than one patch is refused with
+    `ImageTooSmall` (the processor would blow it up to a whole patch of interpolated colour).
+    """
+
+    def __init__(self, processor):
+        self.image_processor = processor.image_processor
+        self.patch_size = int(self.image_processor.patch_size)
+
+    def __call__(self, image) -> torch.Tensor:
+        width, height = image.size
+        if min(width, height) < self.patch_size:
+            raise ImageTooSmall(f"a {width} x {height} image is smaller than one {self.patch_size} x "
+                                f"{self.patch_size} patch of the NaFlex model")
+        output = self.image_processor(images=image, return_tensors="pt")
+        rows, columns = (int(value) for value in output["spatial_shapes"][0])
+        return pack_patches(output["pixel_values"][0], (rows, columns))
+
+
 def _direct_normalisation(image_processor) -> tuple[tuple[int, int], float, np.ndarray, np.ndarray] | None:
     """((width, height), rescale factor, mean, std) of an image processor whose whole work on an image of that
     size is `(pixels * factor - mean) / std`; None when it does anything else (crops, pads, keeps its own resize
@@ -273,6 +358,9 @@ def text_transform(processor: SiglipProcessor) -> TextTransform:
     return TextTransform(processor)
 
 
-def image_transform(processor: SiglipProcessor) -> ImageTransform:
-    """The image transform for `siglip.data.make_train_loader`: PIL image -> pixel_values (3, S, S) float32."""
+def image_transform(processor) -> ImageTransform | NaFlexImageTransform:
+    """The image transform for `siglip.data.make_train_loader`: PIL image -> pixel_values, (3, S, S) float32, or
+    for a NaFlex processor (1 + P, 3 p^2) packed patches."""
+    if _is_naflex_image_processor(processor.image_processor):
+        return NaFlexImageTransform(processor)
     return ImageTransform(processor)

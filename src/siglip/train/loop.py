@@ -236,15 +236,18 @@ def _model_processor_source(config: TrainConfig, run: RunDirectory) -> tuple[nn.
     from transformers import AutoProcessor
 
     from siglip.data import open_source
-    from siglip.model import PRESETS, build_model, load_model
-    from siglip.tokenizer import build_processor, train_tokenizer
+    from siglip.model import PRESETS, build_model, load_model, model_image_size
+    from siglip.tokenizer import build_processor, set_patch_budget, train_tokenizer
 
     processes = run.processes
     processor_dir = run.out / "processor"
     model = None
+    max_num_patches = getattr(config, "max_num_patches", None)       # a NaFlex model's patch budget, if given
     if config.init is not None:
         model, processor = load_model(config.init)
-        image_size = _image_size(model)
+        if max_num_patches is not None:
+            set_patch_budget(processor, max_num_patches)
+        image_size = model_image_size(model)
     elif config.model not in PRESETS:
         raise UserError(f"--model {config.model!r} is not a preset; choose one of {', '.join(PRESETS)}")
     else:
@@ -257,7 +260,8 @@ def _model_processor_source(config: TrainConfig, run: RunDirectory) -> tuple[nn.
             tokenizer = train_tokenizer(source.caption_corpus(config.tokenizer_captions),
                                         vocab_size=config.vocab_size, max_length=config.max_text_length,
                                         seed=config.seed)
-            processor = build_processor(tokenizer, image_size=image_size)
+            processor = build_processor(tokenizer, image_size=image_size, preset=config.model,
+                                        max_num_patches=max_num_patches)
         _save_processor(processor, processor_dir)
     processes.barrier()
     processor = AutoProcessor.from_pretrained(str(processor_dir))
@@ -276,10 +280,6 @@ def _save_processor(processor: Any, directory: Path) -> None:
     shutil.rmtree(temporary, ignore_errors=True)
     processor.save_pretrained(str(temporary))
     os.replace(temporary, directory)
-
-
-def _image_size(model: nn.Module) -> int:
-    return int(model.config.vision_config.image_size)
 
 
 def _image_feature_cache(config: TrainConfig, source: Any, transform: PairTransform, step: int, local_batch: int,

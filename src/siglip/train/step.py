@@ -20,7 +20,8 @@ from torch import nn
 
 
 class PairTransform:
-    """Sample -> {"pixel_values": (3, S, S) float32, "input_ids": (L,) int64}; picklable, runs in DataLoader workers."""
+    """Sample -> {"pixel_values": (3, S, S) float32 or (1 + P, 3 p^2) packed NaFlex patches (siglip.model.pack_patches),
+    "input_ids": (L,) int64}; picklable, runs in DataLoader workers."""
 
     augments_images = False
     """The image transform is the processor's resize and normalisation, the same pixels for an image at every visit:
@@ -34,7 +35,14 @@ class PairTransform:
         self.text = text_transform(processor)
 
     def __call__(self, sample: Any) -> dict[str, torch.Tensor]:
-        return {"pixel_values": self.image(sample.image), "input_ids": self.text(sample.caption)}
+        from siglip.data.sample import BadSample
+        from siglip.tokenizer import ImageTooSmall
+
+        try:
+            pixel_values = self.image(sample.image)
+        except ImageTooSmall as error:      # a NaFlex image below one patch: skipped and counted like a bad file
+            raise BadSample(error.kind, sample.key, str(error)) from None
+        return {"pixel_values": pixel_values, "input_ids": self.text(sample.caption)}
 
 
 class ContrastiveTowers(nn.Module):
