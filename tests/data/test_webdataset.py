@@ -85,3 +85,29 @@ def test_unreadable_shards_are_reported_and_skipped(tmp_path, caplog):
     with pytest.raises(UserError, match="no samples"):
         open_source(str(tmp_path / "part-{2..5}.tar"))
     assert len(open_source(str(tmp_path), seed=3)) == len(good)            # a folder of shards
+
+
+def test_export_as_a_table_reads_back_the_same_samples(tmp_path, capsys):
+    count = random.randint(5, 15)
+    assert main(["data", "export", "--data", "shapes", "--split", "test", "--out", str(tmp_path / "t"), "--count",
+                 str(count), "--format", "png", "--task", "color", "--table", "pairs.tsv"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"] == count and report["path"].endswith("pairs.tsv") and not report["skipped"]
+    back = open_source(report["path"]).test_samples()
+    want = open_source("shapes").test_samples()[:count]
+    assert [s.image.tobytes() for s in back] == [s.image.tobytes() for s in want]
+    assert [s.caption for s in back] == [s.caption for s in want]
+    assert [s.labels for s in back] == [{"label": s.labels["color"]} for s in want if "color" in s.labels]
+    assert main(["data", "export", "--data", "shapes", "--out", str(tmp_path), "--count", "3", "--table", "x.txt"]) == 2
+    assert "--table" in capsys.readouterr().err
+
+
+def test_a_table_with_other_column_names_is_read_through_the_column_flags(tmp_path, capsys):
+    (tmp_path / "a.png").write_bytes(encode(random_image(), "PNG"))
+    (tmp_path / "odd.csv").write_text("picture,words,kind\na.png,a random picture,7\n", encoding="utf-8")
+    assert main(["data", "inspect", "--data", str(tmp_path / "odd.csv")]) == 2
+    assert "no image column" in capsys.readouterr().err
+    assert main(["data", "inspect", "--data", str(tmp_path / "odd.csv"), "--image-column", "picture",
+                 "--caption-column", "words", "--label-column", "kind", "--count", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert [(s["caption"], s["labels"]) for s in summary["samples"]] == [("a random picture", {"label": 7})]

@@ -1,13 +1,14 @@
-"""`siglip data export` and `inspect`: write any source as WebDataset shards, describe it.
+"""`siglip data export` and `inspect`: write any source as WebDataset shards or as a table of image files, describe it.
 
-    siglip data export --data shapes --out data/shapes --shard-size 1000 --count 5000
+    siglip data export --data shapes --out data/shapes --count 1000 --shard-size 200
+    siglip data export --data shapes --out data/table --count 200 --table pairs.csv
     siglip data inspect --data data/shapes/train-{000000..000004}.tar
 
 Export writes samples as `{position:09d}.jpg` (or .png), `.txt` (the caption), `.cls` (the label of one zero-shot
 task, when the sample has it) and `.json` (the original key and all labels), `--shard-size` samples a shard, and
-the task's class names as `classes.txt` beside the shards, where reading them back finds them. `write_image_table`
-writes the same samples as image files and a CSV table instead (the loader benchmark's CSV source, `siglip bench
-data`; no CLI action of its own).
+the task's class names as `classes.txt` beside the shards, where reading them back finds them. With `--table NAME`
+it writes the same samples as image files and a CSV (or TSV) table listing them instead (`write_image_table`, also
+the loader benchmark's CSV source).
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ from siglip.data import SPLITS, open_source
 from siglip.data.sample import BadSample, BadSampleLog, Sample
 from siglip.errors import UserError
 
+COLUMN_FLAGS = ("--image-column", "--caption-column", "--label-column")
+"""A table's column names when they are not the usual ones (siglip.data.tabular): the same flags on every command
+that reads a table."""
+
+
+def add_column_arguments(parser: argparse.ArgumentParser) -> None:
+    """--image-column, --caption-column, --label-column: open_source's image_column, caption_column, label_column."""
+    for flag in COLUMN_FLAGS:
+        what = flag[2:].split("-")[0]
+        parser.add_argument(flag, metavar="NAME", help=f"a table's {what} column, when it is not named as "
+                            "docs/data.md lists (default: found by name)")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    export = actions.add_parser("export", help="write a source as WebDataset shards (jpg + txt + cls)")
+    export = actions.add_parser("export", help="write a source as WebDataset shards (jpg + txt + cls) or as a table "
+                                "of image files (--table)")
     export.add_argument("--data", required=True, help="shapes, digits, WebDataset shards, or a .csv/.tsv/.jsonl file")
     export.add_argument("--out", required=True, help="folder to write the shards into (created if missing)")
     export.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -39,12 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     export.add_argument("--format", choices=("jpg", "png"), default="jpg", help="image encoding (default jpg)")
     export.add_argument("--quality", type=int, default=95, help="JPEG quality 1-95 (default 95)")
     export.add_argument("--strict", action="store_true", help="stop at the first bad sample instead of skipping it")
+    export.add_argument("--table", metavar="NAME", help="write the images as files under OUT/images and a table "
+                        "OUT/NAME (.csv or .tsv: filepath, caption, label) listing them, instead of shards")
+    add_column_arguments(export)
     export.set_defaults(action_run=run_export)
     inspect = actions.add_parser("inspect", help="print a JSON summary of a source and its first samples")
     inspect.add_argument("--data", required=True, help="shapes, digits, WebDataset shards, or a .csv/.tsv/.jsonl file")
     inspect.add_argument("--count", type=int, default=5, help="training samples to show (default 5)")
     inspect.add_argument("--seed", type=int, default=0, help="the source's seed (default 0)")
+    add_column_arguments(inspect)
     inspect.set_defaults(action_run=run_inspect)
+
+
+def _open(args: argparse.Namespace, **options):
+    return open_source(args.data, seed=args.seed, image_column=args.image_column, caption_column=args.caption_column,
+                       label_column=args.label_column, **options)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,12 +79,19 @@ def run_export(args: argparse.Namespace) -> int:
         raise UserError(f"--shard-size must be at least 1, got {args.shard_size}")
     if not 1 <= args.quality <= 95:
         raise UserError(f"--quality must lie in 1 ... 95, got {args.quality}")
-    source = open_source(args.data, split=args.split, seed=args.seed, strict=args.strict, image_size=args.image_size)
+    if args.table is not None and not args.table.lower().endswith((".csv", ".tsv")):
+        raise UserError(f"--table must name a .csv or .tsv file, got {args.table!r}")
+    source = _open(args, split=args.split, strict=args.strict, image_size=args.image_size)
     task = _label_task(source, args.task)
-    report = write_shards(_samples(source, args.split, args.count), args.out, prefix=args.split,
-                          shard_size=args.shard_size, task=task,
-                          class_names=source.tasks[task] if task is not None else None,
-                          image_format=args.format, quality=args.quality, strict=args.strict)
+    samples = _samples(source, args.split, args.count)
+    class_names = source.tasks[task] if task is not None else None
+    if args.table is not None:
+        report = write_image_table(samples, args.out, name=args.table, task=task, class_names=class_names,
+                                   image_format=args.format, quality=args.quality, strict=args.strict)
+    else:
+        report = write_shards(samples, args.out, prefix=args.split, shard_size=args.shard_size, task=task,
+                              class_names=class_names, image_format=args.format, quality=args.quality,
+                              strict=args.strict)
     print(json.dumps(report))
     return 0
 
@@ -146,7 +176,7 @@ def _write_classes(out: str, class_names: list[str]) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    source = open_source(args.data, seed=args.seed)
+    source = _open(args)
     shown = []
     for index in range(max(args.count, 0)):
         try:
