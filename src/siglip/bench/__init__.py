@@ -4,6 +4,7 @@
     siglip bench ring   the distributed losses side by side in gloo processes on this machine
     siglip bench train  peak memory and time of one training step, with and without --micro-batch
     siglip bench data   can the training loader feed the training step?
+    siglip bench gpu    everything that needs a CUDA GPU (tests, the loss at large n, training), one report
 
 Each benchmark is a module here with `add_arguments(parser)` and `run(args) -> int`. Their modules import torch only
 when they run, so `siglip bench --help` answers at once.
@@ -19,6 +20,7 @@ BENCHES = {
     "ring": ("siglip.bench.ring", "the distributed losses side by side in gloo processes on this machine"),
     "train": ("siglip.bench.train", "peak memory and step time of one training step, with and without --micro-batch"),
     "data": ("siglip.bench.data", "time the training loader of each source against the training step"),
+    "gpu": ("siglip.bench.gpu", "the GPU check: GPU tests, the loss at large n in bfloat16, 100 training steps"),
 }
 
 

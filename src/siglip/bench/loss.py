@@ -7,7 +7,9 @@
 - ``tiled``: ours, ``sigmoid_loss`` with ``backend="auto"``; its row names the backend that auto chose;
 - ``tiled-<backend>``: ours with each other backend that runs here (``tiled-torch`` on the CPU, and so on);
 - ``gemm_floor``: the three matrix products of the loss and nothing else (s = x y^T, then s y and s^T x), in panels
-  of PANEL_ROWS rows so that it runs at every n. Its time is what any exact implementation must at least spend.
+  of PANEL_ROWS rows so that it runs at every n. Its time is what any exact implementation must at least spend;
+- ``siglip_kernel`` (only when named in --impls): the fused Triton loss of the siglip-kernel package (CUDA only;
+  a row that says why where it cannot run).
 
 Every batch size runs in a fresh worker process. The worker first calls each implementation at a small size (thread
 pools, the BLAS and the compiled kernel are then initialised), then, per implementation, measures the peak memory of
@@ -37,6 +39,8 @@ from siglip.bench.record import publish, write_marked_section
 from siglip.errors import UserError
 
 IMPLS = ("naive", "open_clip", "tiled", "gemm_floor")
+OPTIONAL_IMPLS = ("siglip_kernel",)
+"""Measured when --impls names them: peers that need a GPU or a package the project does not depend on."""
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 DOC_BEGIN = "<!-- siglip bench loss: begin (written by `siglip bench loss --markdown`; do not edit by hand) -->"
@@ -51,9 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="feature dtype (default float32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per implementation and size (default 3)")
     parser.add_argument("--impls", default=",".join(IMPLS),
-                      help="comma-separated subset of naive, open_clip, tiled, gemm_floor; 'tiled' expands to every "
-                           "backend that runs here; 'tiled-<backend>' names one; IMPL:N runs IMPL only up to n = N "
-                           "(default: all, at every size)")
+                      help="comma-separated subset of naive, open_clip, tiled, gemm_floor (and siglip_kernel, the "
+                           "siglip-kernel package's fused loss, CUDA only); 'tiled' expands to every backend that runs "
+                           "here; 'tiled-<backend>' names one; IMPL:N runs IMPL only up to n = N "
+                           "(default: naive, open_clip, tiled, gemm_floor at every size)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random features (default 0)")
     parser.add_argument("--json", action="store_true", help='print one JSON object {"rows": [...]} instead of a table')
@@ -131,10 +136,12 @@ def expand_impls(text: str, device: str, auto_choice: str | None = None) -> list
             if auto_choice is None:
                 auto_choice = _auto_backend(device)
             names += ["tiled"] + [f"tiled-{b}" for b in backends if b != auto_choice]
-        elif part in IMPLS or (part.startswith("tiled-") and part[len("tiled-"):] in kernels.BACKENDS[1:]):
+        elif part in IMPLS + OPTIONAL_IMPLS or (part.startswith("tiled-")
+                                                and part[len("tiled-"):] in kernels.BACKENDS[1:]):
             names.append(part)
         else:
-            raise UserError(f"--impls: unknown implementation {part!r}; choose from {', '.join(IMPLS)} "
+            raise UserError(f"--impls: unknown implementation {part!r}; choose from "
+                            f"{', '.join(IMPLS + OPTIONAL_IMPLS)} "
                             f"or tiled-<backend> with a backend of {', '.join(kernels.BACKENDS[1:])}")
     if not names:
         raise UserError(f"--impls names no implementation, got {text!r}")
