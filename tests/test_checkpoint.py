@@ -178,3 +178,133 @@ def test_prune_keeps_the_newest(tmp_path):
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path)).step == 20
     with pytest.raises(ValueError, match="keep must be at least 1"):
         ckpt.prune_checkpoints(tmp_path, 0)
+
+
+# ----------------------------------------------------------------------------------------------------- final export
+
+
+def tiny_model_and_processor(max_length: int = 16):
+    """A width-32 SigLIP of ours and its processor, as `siglip train` builds them (left-padded BPE, 16 tokens)."""
+    from transformers import SiglipConfig, SiglipModel
+
+    from siglip.tokenizer import build_processor, train_tokenizer
+
+    texts = [f"a {c} {s}" for c in ("red", "green", "blue", "white") for s in ("circle", "square", "star")] * 4
+    tokenizer = train_tokenizer(texts, vocab_size=64, max_length=max_length)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=8,
+                  image_size=16)
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).eval()
+    model.config.text_config.mask_pad_tokens = True
+    return model, build_processor(tokenizer, image_size=16)
+
+
+def test_exported_tokenizer_gives_the_training_embeddings_at_transformers_default_padding(tmp_path):
+    """Training pads captions to 16 tokens and places them at the end of the 64-position table; transformers'
+    usual call, processor(text=..., padding="max_length"), must find the same embedding in final/."""
+    from transformers import AutoModel, AutoProcessor
+
+    from siglip.model import encode_texts
+    from siglip.tokenizer import tokenize
+
+    model, processor = tiny_model_and_processor(max_length=16)
+    # Captions that fit the 16 training tokens (a longer one is cut at 16 in training, at 64 in the export).
+    captions = ["a red circle", "a white star", "green"]
+    assert all(len(processor.tokenizer(caption)["input_ids"]) <= 16 for caption in captions)
+    with torch.no_grad():
+        trained = encode_texts(model, tokenize(processor, captions))          # (3, d) as training embeds them
+    final = ckpt.export_final(model, processor, tmp_path / "final")
+    assert processor.tokenizer.model_max_length == 16                          # the run's processor is unchanged
+    exported = AutoProcessor.from_pretrained(final)
+    assert exported.tokenizer.model_max_length == 64
+    loaded = AutoModel.from_pretrained(final).eval()
+    with torch.no_grad():
+        inputs = exported(text=captions, padding="max_length", return_tensors="pt")
+        got = torch.nn.functional.normalize(loaded.get_text_features(**inputs).pooler_output, dim=-1)
+    # The same float32 operations on the same 64 positions, with the pads masked: 1e-5 bounds the rounding of
+    # the trimmed forward against the full one (measured below 1e-6).
+    assert torch.allclose(got, trained, atol=1e-5), (got - trained).abs().max()
+
+
+def test_export_replaces_final_atomically_with_no_moment_without_it(tmp_path):
+    import threading
+
+    model, processor = tiny_model_and_processor()
+    final = tmp_path / "final"
+    ckpt.export_final(model, processor, final)
+    missing, stop = [], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            if not (final / "config.json").is_file():
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for bias in range(-6, -1):
+            with torch.no_grad():
+                model.logit_bias.fill_(float(bias))
+            ckpt.export_final(model, processor, final)
+            assert json.loads((final / "config.json").read_text())["architectures"] == ["SiglipModel"]
+    finally:
+        stop.set()
+        watcher.join()
+    assert not missing, f"final/config.json was missing {len(missing)} times while final/ was replaced"
+    from safetensors.torch import load_file
+
+    assert load_file(final / "model.safetensors")["logit_bias"].item() == -2.0   # the newest export
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]         # no temporary left behind
+
+
+def test_export_without_an_atomic_exchange_still_replaces_final(tmp_path, monkeypatch):
+    model, processor = tiny_model_and_processor()
+    ckpt.export_final(model, processor, tmp_path / "final")
+    monkeypatch.setattr(ckpt, "_exchange", lambda first, second: False)        # a system without renameat2
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.0)
+    ckpt.export_final(model, processor, tmp_path / "final")
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "final" / "model.safetensors")["logit_bias"].item() == -3.0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2", "naflex"])
+def test_a_google_checkpoint_exports_in_its_own_class_with_its_tokenizer(tmp_path, kind):
+    """SigLIP v1, SigLIP 2 and NaFlex, loaded and exported: transformers reads final/ as the same class, gives the
+    same embeddings and the same token ids, and the text config carries the tokenizer's own special-token ids."""
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+
+    from google_checkpoints import build_checkpoint
+    from siglip.model import encode_images, encode_texts, load_model
+    from siglip.tokenizer import image_transform, tokenize
+
+    source = build_checkpoint(kind, tmp_path / "google")
+    model, processor = load_model(str(source))
+    final = ckpt.export_final(model, processor, tmp_path / "final")
+    config = json.loads((final / "config.json").read_text())
+    assert config["model_type"] == ("siglip2" if kind == "naflex" else "siglip")
+    assert config["architectures"] == [("Siglip2Model" if kind == "naflex" else "SiglipModel")]
+    text_config = config["text_config"]
+    tokenizer = processor.tokenizer
+    assert (text_config["pad_token_id"], text_config["eos_token_id"], text_config["bos_token_id"]) == (
+        tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)          # not 49406 / 49407
+    assert all(value is None or 0 <= value < text_config["vocab_size"]
+               for name, value in text_config.items() if name.endswith("_token_id"))
+    texts = ["a red circle", "Two LARGE dogs on the grass!", "star"]
+    original, exported = AutoProcessor.from_pretrained(source), AutoProcessor.from_pretrained(final)
+    for text in texts:                                      # the same text gives the same ids before and after
+        assert exported.tokenizer(text)["input_ids"] == original.tokenizer(text)["input_ids"]
+    loaded = AutoModel.from_pretrained(final).eval()
+    assert type(loaded) is type(model)
+    rng = np.random.default_rng()
+    images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(9, 40)), int(rng.integers(9, 40)), 3),
+                                           dtype=np.uint8)) for _ in range(3)]
+    to_pixels = image_transform(processor)
+    with torch.no_grad():
+        for tower, inputs in ((encode_texts, tokenize(processor, texts)),
+                              (encode_images, torch.stack([to_pixels(image) for image in images]))):
+            assert torch.equal(tower(loaded, inputs), tower(model, inputs)), tower.__name__

@@ -289,7 +289,18 @@ def export_final(model: torch.nn.Module, processor: Any, directory: str | os.Pat
 
     The result holds config.json, model.safetensors and the tokenizer and processor files, so that
     `transformers.AutoModel.from_pretrained(directory)` and the zero-shot-image-classification pipeline load it.
+    The model keeps its class (`SiglipModel`, or `Siglip2Model` for NaFlex) and its tokenizer; the text config
+    carries the tokenizer's own special-token ids. A tokenizer of ours (left padding, attention mask) is saved
+    with `model_max_length` = the 64-position table, so that transformers' usual call, `processor(text=...,
+    padding="max_length")`, places a caption where training placed it: the embeddings of training, as the
+    pipeline's 64-token call gives them too. Google's tokenizers are saved as they came.
+
+    Replacing: the new export is written beside `directory` and exchanged with it in one atomic rename where the
+    system offers one (Linux renameat2 RENAME_EXCHANGE), so a reader always finds a whole `directory`, old or
+    new; elsewhere the old one is renamed aside just before the new one is renamed in.
     """
+    from siglip.model import record_tokenizer_conventions
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = directory.parent / f".tmp-{directory.name}-{os.getpid()}"
@@ -297,6 +308,17 @@ def export_final(model: torch.nn.Module, processor: Any, directory: str | os.Pat
         shutil.rmtree(temporary)
     from transformers.utils import logging as hf_logging
 
+    record_tokenizer_conventions(model, processor.tokenizer)
+    tokenizer, trained_length = processor.tokenizer, processor.tokenizer.model_max_length
+    if tokenizer.padding_side == "left" and "attention_mask" in tokenizer.model_input_names:
+        tokenizer.model_max_length = model.config.text_config.max_position_embeddings
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # tokenizer.json would keep the padding and truncation of the last call (training's 16 tokens), which a
+        # processor(text=...) call of transformers then applies instead of model_max_length. The wrapper sets
+        # both again at each call, so clearing them changes nothing for this process.
+        backend.no_padding()
+        backend.no_truncation()
     # transformers draws a "writing shards" bar and, on saving, checks its own default SiglipTextConfig (whose
     # token ids lie outside its vocabulary) and warns about it: noise after a training run, so both are muted.
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
@@ -306,6 +328,7 @@ def export_final(model: torch.nn.Module, processor: Any, directory: str | os.Pat
         model.save_pretrained(str(temporary), safe_serialization=True)
         processor.save_pretrained(str(temporary))
     finally:
+        tokenizer.model_max_length = trained_length
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
@@ -313,11 +336,38 @@ def export_final(model: torch.nn.Module, processor: Any, directory: str | os.Pat
         if file_path.is_file():
             _fsync(file_path)
     _fsync(temporary)
-    if directory.exists():
-        _remove_directory(directory)
-    os.replace(temporary, directory)
+    if directory.exists() and _exchange(temporary, directory):
+        shutil.rmtree(temporary)                          # now holds the previous export
+    else:
+        if directory.exists():
+            aside = directory.parent / f".trash-{directory.name}-{os.getpid()}"
+            os.replace(directory, aside)                  # the shortest window this system allows
+            os.replace(temporary, directory)
+            shutil.rmtree(aside)
+        else:
+            os.replace(temporary, directory)
     _fsync(directory.parent)
     return directory
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing directories in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the
+    system or file system does not offer it."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_current_directory, rename_exchange = -100, 2          # AT_FDCWD, RENAME_EXCHANGE from <fcntl.h>, <stdio.h>
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    status = renameat2(at_current_directory, os.fsencode(first), at_current_directory, os.fsencode(second),
+                       rename_exchange)
+    return status == 0
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
