@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from reference import label_matrix, loss_and_grads, reference_sigmoid_loss, unit_rows
+from reference import assert_close, label_matrix, loss_and_grads, reference_sigmoid_loss, require_backend, unit_rows
 from siglip import kernels
 from siglip.kernels import cpu_fused
 from siglip.kernels.cpu_fused import TILE_COLS as FUSED_TILE_COLS
@@ -22,6 +22,16 @@ from siglip.tiled import sigmoid_block
 
 HAS_TRITON = kernels.triton_available()
 HAS_CUDA = torch.cuda.is_available()
+
+# Tolerances, as a fraction of each result's scale (`reference.error_ratio`), per input dtype: the largest error
+# measured over many fresh draws of the tests below, every backend (scripts/measure_tolerances.py), times the margin
+# stated beside it.
+TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+EXTREME_TOLERANCE = 1e-5
+"""Extreme logits: gradients against t (float32 rounds t <x, y> to about t * 6e-8), the loss against itself."""
+GPU_TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+"""Compiled for a GPU the 16-bit products run on the tensor cores with g rounded to the input dtype (2^-8 relative
+for bfloat16): never measured (no GPU was lent to this project), so these stay loose until `siglip bench gpu` runs."""
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +56,7 @@ def backend(request):
     """Each backend; the Triton one interpreted on the CPU."""
     if request.param == "triton":
         request.getfixturevalue("interpreted_triton")
-    return request.param
+    return require_backend(request.param)
 
 
 def term_sizes(x, y, t, b, z, mean=True) -> dict[str, float]:
@@ -63,16 +73,15 @@ def term_sizes(x, y, t, b, z, mean=True) -> dict[str, float]:
     return {"t": ((g * s).abs().sum() / scale).item(), "b": (g.abs().sum() / scale).item()}
 
 
-def assert_all_close(got: dict, want: dict, sizes: dict, rtol: float, atol: float = 0.0) -> None:
-    """Each entry within rtol of the largest entry of its reference (or of its term size) plus atol."""
+def assert_all_close(got: dict, want: dict, sizes: dict, tol: float, what: str, gradient_scale: float = 0.0) -> None:
+    """Each entry within tol of the largest entry of its reference, or of its term size (t, b), or of
+    `gradient_scale` (for the gradients)."""
     for name, w in want.items():
-        g = got[name].double().cpu()
-        err = (g - w).abs().max().item()
-        allowed = rtol * max(w.abs().max().item(), sizes.get(name, 0.0)) + atol
-        assert torch.isfinite(g).all() and err <= allowed, f"{name}: error {err:.3e} allowed {allowed:.3e}"
+        scale = max(sizes.get(name, 0.0), 0.0 if name == "loss" else gradient_scale)
+        assert_close(got[name], w, tol, scale=scale, what=f"{what} {name}")
 
 
-def check_against_reference(backend, x, y, t, b, rtol, ids=None, chunk=None, atol=0.0):
+def check_against_reference(backend, x, y, t, b, tol, ids=None, chunk=None, what="", gradient_scale=0.0):
     """sigmoid_loss through `backend` against the float64 reference on the CPU: value, all four gradients, dtypes."""
     got, got_grads = loss_and_grads(sigmoid_loss, x, y, t, b, positive_ids=ids, chunk=chunk, backend=backend)
     cpu = [v.detach().double().cpu() for v in (x, y, t, b)]
@@ -82,13 +91,14 @@ def check_against_reference(backend, x, y, t, b, rtol, ids=None, chunk=None, ato
         assert g.dtype == (x.dtype if name in "xy" else t.dtype)
     n = x.shape[0]
     z = label_matrix(n, image_ids=None if ids is None else ids.cpu(), text_ids=None if ids is None else ids.cpu())
-    # The loss's terms are all positive (no cancelling): it is held to rtol of itself.
+    # The loss's terms are all positive (no cancelling): it is held to tol of itself.
     assert_all_close(dict(zip(["loss", "x", "y", "t", "b"], [got, *got_grads], strict=True)),
                      dict(zip(["loss", "x", "y", "t", "b"], [want, *want_grads], strict=True)),
-                     term_sizes(x, y, t, b, z), rtol, atol)
+                     term_sizes(x, y, t, b, z), tol, f"{what} {backend} {str(x.dtype).split('.')[-1]}",
+                     gradient_scale)
 
 
-def check_block(result, x, y, t, b, z, rtol):
+def check_block(result, x, y, t, b, z, tol, what=""):
     """A BlockResult (sums) against float64 autograd of sum_ij softplus(-z_ij (t <x_i, y_j> + b))."""
     leaves = [torch.as_tensor(v).detach().double().cpu().requires_grad_(True) for v in (x, y, t, b)]
     xs, ys, ts, bs = leaves
@@ -98,19 +108,20 @@ def check_block(result, x, y, t, b, z, rtol):
     assert all(v.dtype == torch.float32 for v in got)
     assert_all_close(dict(zip(["loss", "x", "y", "t", "b"], got, strict=True)),
                      dict(zip(["loss", "x", "y", "t", "b"], [want.detach()] + [v.grad for v in leaves], strict=True)),
-                     term_sizes(x, y, t, b, z, mean=False), rtol)
+                     term_sizes(x, y, t, b, z, mean=False), tol, what)
 
 
 @pytest.mark.parametrize("n,d", [(1, 3), (9, 17), (70, 40)])
 def test_float32_matches_reference(backend, n, d):
     x, y = unit_rows(n, d, torch.float32), unit_rows(n, d, torch.float32)
-    check_against_reference(backend, x, y, torch.tensor(10.0), torch.tensor(-10.0), rtol=1e-5)
+    check_against_reference(backend, x, y, torch.tensor(10.0), torch.tensor(-10.0), TOLERANCES[torch.float32],
+                            what="kernel")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_matches_reference(backend, dtype):
     x, y = unit_rows(45, 24, dtype), unit_rows(45, 24, dtype)
-    check_against_reference(backend, x, y, torch.tensor(10.0), torch.tensor(-10.0), rtol=2e-2)
+    check_against_reference(backend, x, y, torch.tensor(10.0), torch.tensor(-10.0), TOLERANCES[dtype], what="kernel")
 
 
 @pytest.mark.parametrize("pattern", ["clusters", "all_equal"])
@@ -118,15 +129,17 @@ def test_positives_by_ids_match_reference(backend, pattern):
     n = 37
     ids = torch.randint(0, 6, (n,)) if pattern == "clusters" else torch.full((n,), 3)
     x, y = unit_rows(n, 12, torch.float32), unit_rows(n, 12, torch.float32)
-    check_against_reference(backend, x, y, torch.tensor(5.0), torch.tensor(-2.0), rtol=1e-5, ids=ids, chunk=8)
+    check_against_reference(backend, x, y, torch.tensor(5.0), torch.tensor(-2.0), TOLERANCES[torch.float32], ids=ids,
+                            chunk=8, what="kernel ids")
 
 
 @pytest.mark.parametrize("t,b", [(1e4, -1e3), (1e4, 1e3), (1e4, 0.0), (1.0, 1e3), (1.0, -1e3)])
 def test_extreme_logits_stay_finite_and_exact(backend, t, b):
     x, y = unit_rows(24, 16, torch.float32), unit_rows(24, 16, torch.float32)
     # float32 holds t <x, y> to about t * 6e-8: at t = 1e4 that rounding decides pairs near the boundary, so the
-    # gradients get an absolute allowance of that size (the loss stays within 1e-5 of itself).
-    check_against_reference(backend, x, y, torch.tensor(t), torch.tensor(b), rtol=1e-5, atol=1e-6 * t)
+    # gradients are held against t (the loss against itself).
+    check_against_reference(backend, x, y, torch.tensor(t), torch.tensor(b), EXTREME_TOLERANCE, what="kernel extreme",
+                            gradient_scale=t)
 
 
 def test_pairs_far_past_their_boundary_contribute_exactly_nothing(backend):
@@ -148,7 +161,7 @@ def test_rectangular_blocks_with_a_diagonal_offset(backend, offset):
     x, y = unit_rows(rows, 8, torch.float32), unit_rows(cols, 8, torch.float32)
     z = label_matrix(rows, cols, offset=offset) if offset is not None else -torch.ones(rows, cols, dtype=torch.float64)
     result = sigmoid_block(x, y, 10.0, -4.0, diagonal_offset=offset, chunk=8, column_chunk=16, backend=backend)
-    check_block(result, x, y, 10.0, -4.0, z, rtol=1e-5)
+    check_block(result, x, y, 10.0, -4.0, z, TOLERANCES[torch.float32], what=f"kernel block {backend}")
 
 
 def test_ids_on_both_sides_of_a_block(backend):
@@ -156,15 +169,17 @@ def test_ids_on_both_sides_of_a_block(backend):
     image_ids, text_ids = torch.randint(100, 105, (rows,)), torch.randint(100, 105, (cols,))
     x, y = unit_rows(rows, 6, torch.float32), unit_rows(cols, 6, torch.float32)
     result = sigmoid_block(x, y, 8.0, -3.0, image_ids=image_ids, text_ids=text_ids, backend=backend)
-    check_block(result, x, y, 8.0, -3.0, label_matrix(rows, cols, image_ids=image_ids, text_ids=text_ids), rtol=1e-5)
+    check_block(result, x, y, 8.0, -3.0, label_matrix(rows, cols, image_ids=image_ids, text_ids=text_ids),
+                TOLERANCES[torch.float32], what=f"kernel block ids {backend}")
 
 
 def test_cpu_fused_agrees_with_torch_over_many_tiles():
     # More than one default tile each way, a diagonal crossing tile borders, values in float32 rounding.
     rows, cols = FUSED_TILE_ROWS + 52, FUSED_TILE_COLS + 12
     x, y = unit_rows(rows, 16, torch.float32), unit_rows(cols, 16, torch.float32)
-    fused = sigmoid_block(x, y, 10.0, -10.0, diagonal_offset=-150, backend="cpu_fused")
-    check_block(fused, x, y, 10.0, -10.0, label_matrix(rows, cols, offset=-150), rtol=1e-5)
+    fused = sigmoid_block(x, y, 10.0, -10.0, diagonal_offset=-150, backend=require_backend("cpu_fused"))
+    check_block(fused, x, y, 10.0, -10.0, label_matrix(rows, cols, offset=-150), TOLERANCES[torch.float32],
+                what="kernel many tiles cpu_fused")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -230,15 +245,36 @@ def test_named_backends_that_cannot_run_say_why():
 
 
 @pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs triton and a CUDA GPU")
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)])
-def test_triton_on_the_gpu_matches_reference(dtype, rtol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_on_the_gpu_matches_reference(dtype):
     module = importlib.import_module("siglip.kernels.triton")
     if module.INTERPRETED:
         module = importlib.reload(module)
     n, d = 1000, 256
     x, y = unit_rows(n, d, dtype).cuda(), unit_rows(n, d, dtype).cuda()
     t, b = torch.tensor(10.0, device="cuda"), torch.tensor(-10.0, device="cuda")
-    assert kernels.resolve("auto", x.device, dtype, n, n) == "triton"
-    check_against_reference("auto", x, y, t, b, rtol)
+    assert kernels.resolve("auto", x.device, dtype, n, n) == "triton"          # what auto picks on CUDA
+    check_against_reference("triton", x, y, t, b, GPU_TOLERANCES[dtype], what="gpu")
     ids = torch.randint(0, 50, (n,), device="cuda")
-    check_against_reference("triton", x, y, t, b, rtol, ids=ids)
+    check_against_reference("triton", x, y, t, b, GPU_TOLERANCES[dtype], ids=ids, what="gpu ids")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_the_loss_on_the_gpu_never_synchronises(backend_name):
+    # CUDA's sync debug mode raises on any operation that makes the host wait for the device (float(), .item(),
+    # a host copy): the forward and backward of the loss must contain none.
+    if backend_name == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    module = importlib.import_module("siglip.kernels.triton") if backend_name == "triton" else None
+    if module is not None and module.INTERPRETED:
+        importlib.reload(module)
+    x, y = (unit_rows(512, 64, torch.bfloat16).cuda().requires_grad_() for _ in range(2))
+    t, b = (torch.tensor(v, device="cuda", requires_grad=True) for v in (10.0, -10.0))
+    sigmoid_loss(x, y, t, b, backend=backend_name).backward()          # compile and warm up first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sigmoid_loss(x, y, t, b, backend=backend_name).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
