@@ -86,14 +86,16 @@ def test_a_few_adam_steps_memorise_one_batch_and_greedy_decoding_recites_it():
     targets = [caption_target(vocab, [7 + row, 11 + row, vocab.eos_id]) for row in range(2)]
     targets += [refer_target(vocab, phrase, boxes[row]) for row in (2, 3)]
     tokens, scored = pad_targets(targets, 10)
-    optimiser = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    optimiser = torch.optim.Adam(decoder.parameters(), lr=3e-3)
     first = decoder.loss(patches, tokens, scored).item()
-    for _ in range(60):
+    for _ in range(100):
         optimiser.zero_grad()
         loss = decoder.loss(patches, tokens, scored)
         loss.backward()
         optimiser.step()
-    assert loss.item() < 0.01 * first          # from ~log(vocab); measured 0.002 x by step 50 over 8 seeds
+    # from ~log(vocab): over 60 seeds the worst end was 0.0043 of the start, and greedy decoding recited every
+    # batch; 0.02 leaves a margin of 4.6 (lr 1e-2 was faster but spiked to 0.03 on 2 seeds of 40)
+    assert loss.item() < 0.02 * first
     recited = decoder.generate(patches[:2], tokens[:2, :1], 3)
     assert recited.tolist() == tokens[:2, 1:4].tolist()
     predicted = predict_boxes(decoder, vocab, patches[2:], [refer_prompt(vocab, phrase)] * 2)
