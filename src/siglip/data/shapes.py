@@ -278,7 +278,8 @@ class ShapesSource(Source):
         return samples
 
     def caption_corpus(self, count: int) -> list[str]:
-        return [self.train_sample(index).caption for index in range(count)] + self.prompts()
+        # A caption is drawn from the scene's generator before any pixel is: no image needs drawing for it.
+        return [describe(*self._scene(index))[0] for index in range(count)] + self.prompts()
 
     def _make(self, things: list[Thing], rng: random.Random, key: str) -> Sample:
         caption, core = describe(things, rng)
