@@ -11,7 +11,7 @@ import torch
 from siglip.data.sample import Region
 from siglip.data.shapes import Thing, draw_placed, place, regions
 from siglip.prompts import COLOR_NAMES, SHAPE_NAMES, SIZE_NAMES
-from siglip.siglip2.dense import box_iou, linear_probe, patch_labels, referring_accuracy
+from siglip.siglip2.dense import box_iou, linear_probe, patch_labels, patch_means, referring_accuracy
 
 
 def square_region(x0: int, y0: int, x1: int, y1: int, size: int, color: int) -> Region:
@@ -31,8 +31,20 @@ def test_a_patch_takes_the_label_of_the_object_covering_most_of_it():
     assert labels.tolist() == want.tolist()
     assert (patch_labels([first, second, third], (4, 4), "color", 8, min_coverage=0.3) == 8).sum() == 14
     assert (patch_labels([], (2, 2), "color", 8) == 8).all()
-    with pytest.raises(ValueError, match="whole patches"):
-        patch_labels([first], (3, 3), "color", 8)
+
+
+def test_a_grid_that_does_not_divide_the_image_weighs_pixels_by_their_overlap():
+    # 10 pixels into 4 patches of 2.5: pixel 2 is half in patch 0, half in patch 1
+    region = square_region(0, 0, 3, 10, 10, color=2)        # columns 0, 1, 2 of every row
+    labels = patch_labels([region], (4, 4), "color", 8, min_coverage=0.2)
+    # patch column 0 holds pixels 0, 1 and half of 2: all covered; column 1 holds half of 2, 3, 4: 0.5 / 2.5 = 0.2
+    assert labels.tolist() == [[2, 2, 8, 8]] * 4
+    assert (patch_labels([region], (4, 4), "color", 8, min_coverage=0.21)[:, 1] == 8).all()
+    # the per-patch means keep the total (each patch weighs (64 / 14)^2 pixels) and are block means on a divisor
+    coverage = np.random.rand(64, 64)
+    np.testing.assert_allclose(patch_means(coverage, (14, 14)).sum() * (64 / 14) ** 2, coverage.sum(), rtol=1e-12)
+    np.testing.assert_allclose(patch_means(coverage, (4, 8)), coverage.reshape(4, 16, 8, 8).mean(axis=(1, 3)),
+                               rtol=1e-12)
 
 
 @pytest.mark.parametrize("image_size,grid", [(64, 4), (64, 8), (32, 4)])

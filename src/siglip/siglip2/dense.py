@@ -29,23 +29,37 @@ def patch_labels(regions: Sequence[Region], grid: tuple[int, int], task: str, nu
     """(rows, cols) int64 label per patch: the label of the object covering most of the patch, when it covers at
     least `min_coverage` of it; else `num_classes`, the background class.
 
-    regions: the image's Regions (their coverage is (H, W), with H and W multiples of rows and cols: a patch of the
-        tower's input is an (H / rows) x (W / cols) block of the source image, as a resize of a square image keeps).
+    regions: the image's Regions, each with an (H, W) coverage. The tower sees the image resized to its own square
+        input, so patch (i, j) is the part [j W / cols, (j + 1) W / cols) x [i H / rows, (i + 1) H / rows) of the
+        image; a patch's coverage is the area-weighted mean over the pixels it overlaps (grids that do not divide
+        the image, such as 64 pixels into 14 patches, included).
     task: the Region.labels entry to read ("color", "shape").
     """
     rows, cols = grid
     if not regions:
         return np.full((rows, cols), num_classes, dtype=np.int64)
-    height, width = regions[0].coverage.shape
-    if height % rows or width % cols:
-        raise ValueError(f"a {width} x {height} image does not split into {cols} x {rows} whole patches")
-    # (objects, rows, cols): the mean coverage of each object over each patch's pixels
-    per_patch = np.stack([region.coverage.reshape(rows, height // rows, cols, width // cols).mean(axis=(1, 3))
-                          for region in regions])
+    per_patch = np.stack([patch_means(region.coverage, grid) for region in regions])    # (objects, rows, cols)
     best = per_patch.argmax(axis=0)
     object_labels = np.array([region.labels[task] for region in regions], dtype=np.int64)
     covered = per_patch.max(axis=0) >= min_coverage
     return np.where(covered, object_labels[best], num_classes)
+
+
+def patch_means(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """(H, W) per-pixel values -> (rows, cols) their area-weighted mean over each patch of a rows x cols grid laid
+    over the image (a pixel split between two patches counts in each by the part it shares with it)."""
+    height, width = values.shape
+    return _overlaps(height, grid[0]) @ values.astype(np.float64) @ _overlaps(width, grid[1]).T
+
+
+def _overlaps(pixels: int, patches: int) -> np.ndarray:
+    """(patches, pixels): the fraction of patch k's span [k s, (k + 1) s), s = pixels / patches, that pixel p's span
+    [p, p + 1) covers; each row sums to 1."""
+    starts = np.arange(patches)[:, None] * pixels / patches
+    stops = starts + pixels / patches
+    pixel = np.arange(pixels)[None, :]
+    overlap = np.clip(np.minimum(stops, pixel + 1) - np.maximum(starts, pixel), 0.0, None)
+    return overlap / (pixels / patches)
 
 
 def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, background: int | None = None,
