@@ -20,7 +20,8 @@ def test_bench_loss_json_has_a_row_per_implementation_and_size(capsys, tmp_path)
     doc = tmp_path / "benchmarks.md"
     doc.write_text(f"# Benchmarks\n\nprose before\n\n{bench.DOC_BEGIN}\nold table\n{bench.DOC_END}\n\nprose after\n")
     plot = tmp_path / "loss.png"
-    status = main(["bench", "loss", "--batch-sizes", "80", "--dim", "8", "--repeats", "2", "--json",
+    n = 512
+    status = main(["bench", "loss", "--batch-sizes", str(n), "--dim", "8", "--repeats", "2", "--json",
                    "--markdown", str(doc), "--plot", str(plot)])
     assert status == 0
     result = json.loads(capsys.readouterr().out)                       # exactly one JSON object on stdout
@@ -28,18 +29,21 @@ def test_bench_loss_json_has_a_row_per_implementation_and_size(capsys, tmp_path)
     impls = ["naive", "open_clip", "tiled", "tiled-torch", "gemm_floor"]          # tiled: the fused kernel
     if importlib.util.find_spec("open_clip") is None:
         impls.remove("open_clip")
-    assert [r["impl"] for r in rows] == impls and {r["batch_size"] for r in rows} == {80}
+    assert [r["impl"] for r in rows] == impls and {r["batch_size"] for r in rows} == {n}
     for row in rows:
         assert ROW_KEYS <= row.keys() and row["dim"] == 8
         assert row["ms"] > 0 and len(row["times_ms"]) == 2, row
         assert row["ms"] == pytest.approx(sum(row["times_ms"]) / 2, abs=0.02)      # the median of two calls
-        assert row["peak_mem_mb"] < 64, row                             # tiny sizes: nothing near the 64 MB budget
+    # The memory column sees what an implementation must hold: the full-matrix loss at least one n x n float32
+    # matrix (1 MiB here; the worker's allocations of that size are mmapped, so they show in the resident set).
+    naive = next(r for r in rows if r["impl"] == "naive")
+    assert naive["peak_mem_mb"] >= n * n * 4 / 2**20, naive
     floors = [r for r in rows if r["impl"] == "gemm_floor"]
     assert all(r["x_floor"] == 1.0 for r in floors)
     assert [r["backend"] for r in rows if r["impl"].startswith("tiled")] == ["cpu_fused", "torch"]
     text = doc.read_text()
     assert text.startswith("# Benchmarks\n\nprose before") and text.rstrip().endswith("prose after")
-    assert "old table" not in text and "| 80 |" in text and "loss.png" in text and result["command"] in text
+    assert "old table" not in text and f"| {n} |" in text and "loss.png" in text and result["command"] in text
     assert plot.stat().st_size > 1000
 
 

@@ -16,18 +16,22 @@ from siglip.errors import UserError
 def test_bench_ring_prints_rows_that_agree_with_the_cost_model(capsys):
     parser = argparse.ArgumentParser()
     bench_ring.add_arguments(parser)
-    assert bench_ring.run(parser.parse_args(["--world-sizes", "2,3", "--local-batch", "8", "--dim", "4",
+    n, d = 128, 512                                     # a text block of 256 KiB: above the workers' mmap threshold
+    assert bench_ring.run(parser.parse_args(["--world-sizes", "2,3", "--local-batch", str(n), "--dim", str(d),
                                              "--repeats", "2", "--json"])) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(row["world_size"], row["impl"]) for row in rows] == [(w, i) for w in (2, 3) for i in bench_ring.IMPLS]
     for row in rows:
-        name = {"sigmoid_all_gather": "all_gather", "softmax_all_gather": "softmax"}.get(row["impl"], row["impl"])
-        model = ring.expected_traffic(name, row["world_size"], 8, 4, torch.float32)
+        model = ring.expected_traffic(row["impl"], row["world_size"], n, d, torch.float32)   # the names it prints
         assert row["forward_bytes_per_rank"] == model.forward_bytes, row
         assert row["backward_bytes_per_rank"] == model.backward_bytes, row
         assert (row["forward_sync_points"], row["backward_sync_points"]) == (model.forward_sync_points,
                                                                               model.backward_sync_points)
-        assert row["ms"] > 0 and row["peak_mem_mb"] >= 0 and row["global_batch"] == 8 * row["world_size"]
+        assert row["ms"] > 0 and row["global_batch"] == n * row["world_size"]
+        # The memory column sees what the all-gathers must hold: every rank's text rows (and, for CLIP's loss, image
+        # rows too), D n d float32 per tower.
+        gathered = {"sigmoid_all_gather": 1, "softmax_all_gather": 2}.get(row["impl"], 0)
+        assert row["peak_mem_mb"] >= gathered * row["world_size"] * n * d * 4 / 2**20, row
     for world in (2, 3):
         # the four sigmoid implementations compute one loss
         losses = [row["loss"] for row in rows if row["world_size"] == world and row["impl"] != "softmax_all_gather"]
