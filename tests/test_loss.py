@@ -301,3 +301,15 @@ def test_kernels_receive_t_and_b_as_tensors_on_the_features_device(monkeypatch, 
     assert name == cpu_backend
     assert all(isinstance(v, torch.Tensor) and v.device == x.device and v.shape == () for v in (scale, bias))
     assert (scale.item(), bias.item()) == (10.0, -3.0)
+
+
+def test_the_module_passes_its_backend_to_the_kernel(monkeypatch, cpu_backend):
+    from siglip import kernels
+
+    chosen, choose = [], kernels.kernel
+    monkeypatch.setattr(kernels, "kernel", lambda name: chosen.append(name) or choose(name))
+    x, y = unit_rows(12, 4, torch.float32), unit_rows(12, 4, torch.float32)
+    SigmoidLoss(backend=cpu_backend)(x, y).backward()
+    assert chosen == [cpu_backend]
+    with pytest.raises(ValueError, match="backend must be one of"):
+        SigmoidLoss(backend="fastest")

@@ -101,6 +101,9 @@ def softmax_loss(
 
     Returns:
         0-d tensor: this rank's share of the loss divided by n (float32 for 16-bit inputs).
+
+    As for `sigmoid_loss`, the finiteness of t is checked on the CPU only: on a GPU the check would make the host
+    wait for the device on every call, and a non-finite t gives a non-finite loss instead.
     """
     world = _world_size(group)
     with _invalid_input_stops_every_rank("softmax_loss", group, world, image_features):
@@ -116,11 +119,15 @@ class SigmoidLoss(nn.Module):
     """The sigmoid loss with its learned temperature t = exp(t') and bias b.
 
     Starts at t' = log(10) and b = -10, the paper's initialisation: the bias keeps the first steps near the prior
-    that almost every pair is a negative.
+    that almost every pair is a negative. `chunk` and `backend` are passed to `sigmoid_loss` as they are.
     """
 
-    def __init__(self, init_logit_scale: float = 10.0, init_logit_bias: float = -10.0, chunk: int | None = None):
+    def __init__(self, init_logit_scale: float = 10.0, init_logit_bias: float = -10.0, chunk: int | None = None,
+                 backend: str = "auto"):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         if not (init_logit_scale > 0 and math.isfinite(init_logit_scale)):
             raise ValueError(f"init_logit_scale must be a finite positive number, got {init_logit_scale!r}")
         self.log_logit_scale = nn.Parameter(torch.tensor(math.log(init_logit_scale)))
@@ -142,7 +149,7 @@ class SigmoidLoss(nn.Module):
     ) -> torch.Tensor:
         return sigmoid_loss(
             image_features, text_features, self.logit_scale, self.logit_bias, group,
-            positive_ids=positive_ids, chunk=self.chunk,
+            positive_ids=positive_ids, chunk=self.chunk, backend=self.backend,
         )
 
 
