@@ -61,3 +61,18 @@ def test_local_crops_of_another_size_read_resized_positions_and_bad_masks_are_na
                      mask_token=token)
     with pytest.raises(ValueError, match="give both or neither"):
         image_tokens(model, crops, patch_mask=torch.ones(2, 4).bool())
+
+
+def test_the_mask_token_enters_in_the_autocast_dtype():
+    model = tiny_vision_model(dtype=torch.float32)
+    pixels = torch.randn(2, 3, 32, 32)
+    mask = torch.rand(2, 16) < 0.5
+    token = torch.randn(32, requires_grad=True)
+    want = image_tokens(model, pixels, patch_mask=mask, mask_token=token)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = image_tokens(model, pixels, patch_mask=mask, mask_token=token)[0]
+    # (the final layer norm runs in float32 under autocast; the patch projection the hook edits, in bfloat16)
+    # bfloat16 keeps 8 bits of mantissa: through two layers, outputs of order 1 stay within about 0.1
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.1)
+    got.float().sum().backward()
+    assert token.grad is not None and token.grad.dtype == torch.float32
