@@ -9,10 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import SiglipConfig, SiglipModel
 
-from siglip.data import Sample
+from siglip.data import Sample, Source
 from siglip.errors import UserError
-from siglip.evaluate import class_embeddings, embed_images, evaluate, retrieval_recall, zeroshot_accuracy
+from siglip.evaluate import (
+    class_embeddings,
+    embed_images,
+    evaluate,
+    multi_caption_recall,
+    retrieval_recall,
+    zeroshot_accuracy,
+)
 
 
 def unit_rows(n: int, d: int) -> torch.Tensor:
@@ -81,6 +89,76 @@ def test_retrieval_recall_on_a_matrix_built_by_hand():
     assert grouped["image_to_text_r1"] == pytest.approx(2 / 3) and grouped["text_to_image_r1"] == pytest.approx(2 / 3)
 
 
+def brute_force_recall(images, texts, caption_image, groups, ks):
+    """The definition, literally: the full (n, m) float64 matrix, and each query's best right answer's rank."""
+    scores = images.double() @ texts.double().T                                   # (n, m)
+    n, m = scores.shape
+    right = torch.zeros(n, m, dtype=torch.bool)                                   # text j answers image i
+    for j in range(m):
+        for k in range(m):
+            if groups[k] == groups[j]:
+                right[caption_image[k], j] = True
+    results = {}
+    for direction, matrix, answers in (("image_to_text", scores, right), ("text_to_image", scores.T, right.T)):
+        best = matrix.masked_fill(~answers, float("-inf")).amax(dim=1, keepdim=True)
+        rank = ((matrix >= best) & ~answers).sum(dim=1)              # wrong answers scoring at least as high
+        results.update({f"{direction}_r{k}": float((rank < k).double().mean()) for k in ks})
+    return results
+
+
+def random_retrieval_set(integer: bool):
+    """Images with 1 to 5 captions each, a fifth of the captions repeating another's text (and embedding).
+    integer: features of small integers, whose scores are exact in float32 and tie often (the tie rule matters)."""
+    n = int(torch.randint(5, 30, ()))
+    counts = torch.randint(1, 6, (n,))
+    caption_image = torch.repeat_interleave(torch.arange(n), counts)[torch.randperm(int(counts.sum()))]
+    m = len(caption_image)
+    groups = torch.arange(m)
+    repeated = torch.rand(m) < 0.2
+    groups[repeated] = torch.randint(0, m, (int(repeated.sum()),))
+    groups[repeated] = groups[groups[repeated]]              # a repeat of a repeat names the same text
+    d = 8
+    if integer:
+        images = torch.randint(-2, 3, (n, d)).float()
+        texts = images[caption_image] + torch.randint(-2, 3, (m, d)).float()
+    else:
+        images = F.normalize(torch.randn(n, d, dtype=torch.float64), dim=1)
+        texts = F.normalize(images[caption_image] + 0.8 * torch.randn(m, d, dtype=torch.float64), dim=1)
+    texts[repeated] = texts[groups[repeated]]                # identical captions embed identically
+    return images, texts, caption_image, groups
+
+
+@pytest.mark.parametrize("integer", [True, False])
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1024])
+def test_multi_caption_recall_equals_the_brute_force(chunk, integer):
+    images, texts, caption_image, groups = random_retrieval_set(integer)
+    ks = (1, 2, 5, 10)
+    got = multi_caption_recall(images, texts, caption_image, ks, caption_groups=groups, chunk=chunk)
+    want = brute_force_recall(images, texts, caption_image, groups, ks)
+    # The same hits exactly: the scores are exact (small integers) or float64 on both sides, ties count against.
+    assert got == pytest.approx(want, abs=1e-12)
+    assert 0 < got["image_to_text_r10"] <= 1
+
+
+def test_multi_caption_recall_counts_an_image_found_by_any_caption():
+    images = torch.eye(3)
+    # image 0 has captions 0 and 1, image 1 caption 2, image 2 caption 3; scores = texts[:, image].
+    texts = torch.tensor([[0.1, 0.9, 0.0],     # caption 0 of image 0: closest to image 1
+                          [0.8, 0.0, 0.0],     # caption 1 of image 0
+                          [0.0, 0.2, 0.3],     # caption 2 of image 1: closest to image 2
+                          [0.0, 0.0, 0.7]])    # caption 3 of image 2
+    caption_image = torch.tensor([0, 0, 1, 2])
+    recall = multi_caption_recall(images, texts, caption_image, ks=(1, 2))
+    # image 0: best text is caption 1 (0.8), its own: hit at 1. image 1: caption 0 (0.9) above its caption 2
+    # (0.2): hit at 2. image 2: caption 3 (0.7) first.
+    assert recall["image_to_text_r1"] == pytest.approx(2 / 3) and recall["image_to_text_r2"] == 1.0
+    # caption 0 ranks image 1 first (0.9): a miss at 1, a hit at 2; captions 1, 3 find theirs; caption 2 ranks
+    # image 2 (0.3) above image 1 (0.2): a miss at 1.
+    assert recall["text_to_image_r1"] == pytest.approx(2 / 4) and recall["text_to_image_r2"] == 1.0
+    with pytest.raises(ValueError, match="every image needs at least one caption"):
+        multi_caption_recall(images, texts, torch.tensor([0, 0, 1, 1]))
+
+
 def test_a_collapsed_model_retrieves_nothing():
     same = F.normalize(torch.ones(6, 4), dim=1)
     recall = retrieval_recall(same, same.clone(), ks=(1, 5))
@@ -102,8 +180,8 @@ CLASSES = ["red", "green", "blue", "yellow"]
 TEMPLATE = "a photo of a {}."
 
 
-class FakeSource:
-    """The `siglip.data.Source` interface, as evaluate uses it: coloured squares with one labelled task."""
+class FakeSource(Source):
+    """A `siglip.data.Source` of given samples with one labelled task."""
 
     name = "fake"
 
@@ -122,16 +200,25 @@ def random_images(count: int) -> list[Image.Image]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny SigLIP saved as `siglip train` saves DIR/final: save_pretrained of model and processor."""
+    """A SigLIP of ours saved as `siglip train` saves DIR/final (the tiny preset's conventions, at width 32)."""
+    from siglip import checkpoint
     from siglip.model import build_model
     from siglip.tokenizer import build_processor, train_tokenizer
 
     captions = [f"a photo of a {c} square" for c in CLASSES] * 20 + [TEMPLATE.format(c) for c in CLASSES]
     tokenizer = train_tokenizer(captions, vocab_size=128, max_length=16)
     model = build_model("tiny", vocab_size=len(tokenizer), max_text_length=16)
+    small = SiglipModel(SiglipConfig(
+        text_config={**model.config.text_config.to_dict(), "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 2, "projection_size": 32},
+        vision_config={**model.config.vision_config.to_dict(), "hidden_size": 32, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "num_attention_heads": 2}))
+    small.config.text_config.mask_pad_tokens = True
+    with torch.no_grad():
+        small.logit_scale.copy_(model.logit_scale)
+        small.logit_bias.copy_(model.logit_bias)
     run = tmp_path_factory.mktemp("run")
-    model.save_pretrained(run / "final")
-    build_processor(tokenizer, image_size=32).save_pretrained(run / "final")
+    checkpoint.export_final(small, build_processor(tokenizer, image_size=32), run / "final")
     return run
 
 
@@ -234,3 +321,120 @@ def test_siglip_eval_on_a_wrong_directory_is_one_line_and_exit_2(tmp_path, capsy
     assert main(["eval", str(tmp_path), "--data", "digits"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "'bert' model" in error and "BertModel" in error
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2", "naflex"])
+def test_pipeline_probabilities_equal_ours_on_google_checkpoints(tmp_path, kind):
+    """transformers' zero-shot pipeline on a SigLIP v1, SigLIP 2 or NaFlex checkpoint gives sigmoid(t cos + b) of
+    our embeddings: the right-padded 64 tokens without a mask, the resize (or the patch budget), t and b agree."""
+    from transformers import pipeline
+
+    from google_checkpoints import build_checkpoint
+    from siglip.model import load_model, scale_and_bias
+
+    directory = build_checkpoint(kind, tmp_path / kind)
+    classifier = pipeline("zero-shot-image-classification", model=str(directory))
+    model, processor = load_model(str(directory))
+    labels = ["red circle", "two dogs", "a star on the grass"]
+    images = [Image.fromarray(torch.randint(0, 256, (int(torch.randint(9, 50, ())), int(torch.randint(9, 50, ())), 3),
+                                            dtype=torch.uint8).numpy()) for _ in range(3)]      # mixed aspect ratios
+    class_features = class_embeddings(model, processor, labels, ["{}"], batch_size=8)
+    image_features = embed_images(model, processor, images, batch_size=2)
+    t, b = (value.item() for value in scale_and_bias(model))
+    ours = torch.sigmoid(t * image_features @ class_features.T + b).double()             # (images, labels)
+    for row, image in enumerate(images):
+        answer = classifier(image, candidate_labels=labels, hypothesis_template="{}")
+        scores = torch.tensor([next(a["score"] for a in answer if a["label"] == c) for c in labels],
+                              dtype=torch.float64)
+        # float32 on both sides, batched differently: 1e-4 relative (measured below 1e-5).
+        assert torch.allclose(scores, ours[row], rtol=1e-4, atol=1e-9), (scores, ours[row])
+
+
+def write_image_folder(root, classes: dict[str, int]):
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for number in range(count):
+            Image.fromarray(torch.randint(0, 256, (20, 28, 3), dtype=torch.uint8).numpy()).save(
+                root / name / f"{number}.png")
+    return root
+
+
+def test_siglip_eval_on_an_image_folder(model_dir, tmp_path, capsys):
+    from siglip.cli import main
+
+    folder = write_image_folder(tmp_path / "val", {"n02": 2, "n01": 3, "n03": 1})
+    (tmp_path / "names.txt").write_text("red\ngreen\nblue\n")                      # sorted folder order
+    assert main(["eval", str(model_dir), "--data", str(folder), "--classes", str(tmp_path / "names.txt"),
+                 "--templates", str(tmp_path / "names.txt").replace("names", "templates"), "--json"]) == 2
+    assert "templates file" in capsys.readouterr().err                            # a missing file: exit 2
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+    assert main(["eval", str(model_dir), "--data", str(folder), "--classes", str(tmp_path / "names.txt"),
+                 "--templates", str(tmp_path / "templates.txt"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 6 and result["per_task"]["label"]["classes"] == 3 and result["chance"] == pytest.approx(1 / 3)
+    assert result["skipped"] == {}
+    (folder / "n04").mkdir()                                                       # an empty class folder
+    assert main(["eval", str(model_dir), "--data", str(folder)]) == 2
+    assert "class folder" in capsys.readouterr().err
+
+
+def test_siglip_eval_retrieval_with_several_captions_per_image(model_dir, tmp_path, capsys):
+    from siglip.cli import main
+
+    rows = ["image,caption"]
+    for number, image in enumerate(random_images(4)):
+        image.save(tmp_path / f"{number}.png")
+        rows += [f"{number}.png,a photo of a {CLASSES[number]} square", f"./{number}.png,a {CLASSES[number]} thing"]
+    rows += ["3.png,a third caption of image 3", "0.png,", "missing.png,an image that is not there"]
+    (tmp_path / "captions.csv").write_text("\n".join(rows) + "\n")
+    assert main(["eval", str(model_dir), "--data", str(tmp_path / "captions.csv"), "--task", "retrieval",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 4 and result["captions"] == 9                 # 4 images; 2 + 2 + 2 + 3 captions
+    assert result["skipped"] == {"empty_caption": 1, "missing_file": 1}
+    assert result["image_to_text_r10"] == 1.0 and result["text_to_image_r5"] == 1.0    # 4 images, 9 captions
+
+
+def test_evaluate_skips_and_counts_a_naflex_image_below_one_patch(tmp_path):
+    from google_checkpoints import build_checkpoint
+    from siglip.model import load_model
+
+    model, processor = load_model(str(build_checkpoint("naflex", tmp_path / "naflex")))
+    sizes = [(20, 30), (5, 40), (30, 7), (16, 16)]                        # patch 8: two images are too small
+    samples = [Sample(image=Image.new("RGB", size, (9 * i, 0, 0)), caption=f"a {CLASSES[i]} square", key=f"s{i}",
+                      labels={"label": i}, positive_id=i) for i, size in enumerate(sizes)]
+    source = FakeSource(samples, [TEMPLATE])
+    zeroshot = evaluate(model, processor, source, "zeroshot", batch_size=3)
+    assert zeroshot["n"] == 2 and zeroshot["skipped"] == {"image_too_small": 2}
+    retrieval = evaluate(model, processor, source, "retrieval", batch_size=3)
+    assert retrieval["n"] == 2 and retrieval["captions"] == 2 and retrieval["skipped"] == {"image_too_small": 2}
+
+
+def test_siglip_eval_defaults_to_the_models_image_size_and_any_device(model_dir, monkeypatch, capsys):
+    """The built-in worlds are drawn at the size the model was trained at (32 here), not at their own 64."""
+    import siglip.data
+    from siglip.cli import main, parser
+
+    seen = {}
+    real_open_source = siglip.data.open_source
+
+    def spy(spec, **options):
+        seen.update(options)
+        return real_open_source(spec, **options)
+
+    monkeypatch.setattr(siglip.data, "open_source", spy)
+    assert main(["eval", str(model_dir), "--data", "digits", "--json"]) == 0
+    assert seen["image_size"] == 32
+    assert parser("eval").parse_args(["eval", "x", "--data", "shapes"]).device == "auto"   # as siglip train
+
+
+@pytest.mark.parametrize("damage", ["spiece.model", "tokenizer_config.json"])
+def test_a_checkpoint_whose_tokenizer_cannot_be_read_is_one_line_and_exit_2(tmp_path, capsys, damage):
+    from google_checkpoints import build_checkpoint
+    from siglip.cli import main
+
+    directory = build_checkpoint("siglip", tmp_path / "v1")
+    (directory / damage).write_bytes(b"\x00not a tokenizer file" * 10)
+    assert main(["eval", str(directory), "--data", "digits"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "cannot load the processor" in error and str(directory) in error

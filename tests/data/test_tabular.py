@@ -86,3 +86,31 @@ def test_unusable_tables_name_the_problem(tmp_path):
         open_source(str(tmp_path / "pairs.parquet"))
     with pytest.raises(UserError, match="split"):
         open_source("digits", split="validation")
+
+
+def test_rows_that_share_an_image_are_one_image_with_all_its_captions(tmp_path):
+    from collections import Counter
+
+    images = make_images(tmp_path / "img", 4)
+    captions = {0: ["first of 0", "second of 0"], 1: ["only caption of 1"], 2: ["a", "b", "c", "d", "e"]}
+    rows = ["filepath,caption"]
+    for number, texts in captions.items():
+        rows += [f"{'./' if k % 2 else ''}img/{number}.png,{text}" for k, text in enumerate(texts)]   # ./ or not
+    rows += ["img/3.png,", "img/1.png,  ", "img/9.png,an image that is not there"]
+    random.shuffle(rows[1:])                                # the rows of one image need not be adjacent
+    table = tmp_path / "captions.csv"
+    table.write_text("\n".join(rows) + "\n")
+    source = open_source(str(table))
+    skipped = Counter()
+    found = {item.key.removeprefix("./"): item for item in source.iter_retrieval_images(skipped)}
+    assert set(found) == {"img/0.png", "img/1.png", "img/2.png"}
+    for number, texts in captions.items():
+        item = found[f"img/{number}.png"]
+        assert sorted(item.captions) == sorted(texts)
+        assert item.image.tobytes() == images[number].tobytes()
+    # Image 3's only row has no caption, one of image 1's rows is blank, image 9 is missing: counted, not raised.
+    assert skipped == Counter({"empty_caption": 2, "image_without_caption": 1, "missing_file": 1})
+    assert len(source) == len(rows) - 1                     # training still visits every row
+    strict = open_source(str(table), strict=True)
+    with pytest.raises(UserError, match="empty_caption|image_without_caption|missing_file"):
+        list(strict.iter_retrieval_images())

@@ -1,4 +1,4 @@
-"""What the file-backed sources (WebDataset shards, CSV/TSV/JSONL tables) share: classes, templates, labels."""
+"""What the file-backed sources (WebDataset shards, tables, image folders) share: classes, templates, labels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from siglip.prompts import DEFAULT_TEMPLATES, read_classes, read_templates
 
 LABEL_TASK = "label"
 """The one zero-shot task of a file source, as the contract names it."""
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+"""File suffixes read as images where a source finds images by name (an image folder)."""
 
 
 def resolve_classes(classes_file: str | None, data_dir: Path, raw_labels: list[str]) -> list[str] | None:

@@ -3,14 +3,33 @@
 A source maps a training index (0, 1, 2, ... without end) to a sample, deterministically for its seed: the
 loader turns global step k into indices [k*B, (k+1)*B), which is what makes a resumed run see exactly the
 samples a run without interruption would have seen.
+
+Evaluation reads the held-out split one sample at a time (`iter_test_samples`), or for retrieval one distinct
+image at a time with all its captions (`iter_retrieval_images`), so that a large split is never decoded whole.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
 import numpy as np
+from PIL import Image
 
 from siglip.data.sample import BadSample, BadSampleLog, Sample
 from siglip.prompts import fill
+
+
+@dataclass
+class RetrievalImage:
+    """One distinct image of a retrieval set with every caption it has (COCO and Flickr30k have five)."""
+
+    key: str
+    """The image's name in logs: its path, or its sample's key."""
+    image: Image.Image
+    captions: list[str]
+    """At least one caption; each is a text query whose answer is this image."""
 
 
 class Source:
@@ -48,6 +67,17 @@ class Source:
         """The fixed held-out split, in a fixed order."""
         raise NotImplementedError
 
+    def iter_test_samples(self, skipped: Counter[str] | None = None) -> Iterator[Sample]:
+        """The held-out split one sample at a time, in `test_samples()` order; bad samples skipped (counted by kind
+        into `skipped`) or raised when the source is strict. Sources read from files decode one at a time."""
+        yield from self.test_samples()
+
+    def iter_retrieval_images(self, skipped: Counter[str] | None = None) -> Iterator[RetrievalImage]:
+        """Each distinct held-out image once, with all its captions. Here every sample is its own image with its
+        one caption; a table source groups the rows that share an image path."""
+        for sample in self.iter_test_samples(skipped):
+            yield RetrievalImage(key=sample.key, image=sample.image, captions=[sample.caption])
+
     def caption_corpus(self, count: int) -> list[str]:
         """Text to train a tokenizer on: `count` training captions, then every zero-shot prompt of the source."""
         raise NotImplementedError
@@ -61,8 +91,8 @@ class Source:
 class FiniteSource(Source):
     """A source with a fixed list of training records: epoch e visits them in a permutation seeded by (seed, e).
 
-    Subclasses set `seed` and `strict` and implement `_num_records`, `_read_record` and (for test_samples)
-    `_test_records`.
+    Subclasses set `seed` and `strict` and implement `_num_records`, `_read_record` and `test_samples` (a file
+    source streams its held-out split with `_iter_all`).
     """
 
     seed: int = 0
@@ -96,15 +126,23 @@ class FiniteSource(Source):
 
     def _read_all(self, records, read) -> list[Sample]:
         """read(record) for each record, skipping (and logging) bad ones unless the source is strict."""
-        samples, log = [], BadSampleLog()
+        return list(self._iter_all(records, read))
+
+    def _iter_all(self, records: Iterable[int], read, skipped: Counter[str] | None = None) -> Iterator:
+        """read(record) for each record, one at a time; a bad one is skipped (logged, counted by kind into
+        `skipped`) unless the source is strict."""
+        log = BadSampleLog()
         for record in records:
             try:
-                samples.append(read(record))
+                sample = read(record)
             except BadSample as error:
                 if self.strict:
                     raise
                 log.record(error)
-        return samples
+                if skipped is not None:
+                    skipped[error.kind] += 1
+                continue
+            yield sample
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

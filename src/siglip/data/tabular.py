@@ -6,17 +6,34 @@ Columns are found by their usual names (image: filepath, image, path, ...; capti
 label: label, class, ...), or named with the `image_column`, `caption_column`, `label_column` keywords.
 A row's problems (a missing cell, text that is not UTF-8, a line that is not JSON) are kept with the row and
 raised as BadSample when the row is read, so one bad row never stops the table from opening.
+
+Several captions per image (COCO and Flickr30k have five): rows that name the same image file are one image
+with several captions. Training visits every row; retrieval (`iter_retrieval_images`) reads each distinct image
+once with all its captions, every caption a text query.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
+from PIL import Image
+
 from siglip.data.files import LABEL_TASK, parse_label, resolve_classes, resolve_templates
-from siglip.data.sample import DEFAULT_MAX_IMAGE_PIXELS, BadSample, Sample, caption_id, check_caption, decode_image
-from siglip.data.source import FiniteSource
+from siglip.data.sample import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    BadSample,
+    BadSampleLog,
+    Sample,
+    caption_id,
+    check_caption,
+    decode_image,
+)
+from siglip.data.source import FiniteSource, RetrievalImage
 from siglip.errors import UserError
 
 IMAGE_COLUMNS = ("filepath", "image", "path", "image_path", "img", "file", "filename")
@@ -64,25 +81,10 @@ class TabularSource(FiniteSource):
         return len(self.rows)
 
     def _read_record(self, record: int, index: int | None = None) -> Sample:
-        line, values, problem = self.rows[record]
-        key = f"{self.name}:{line}"
-        if problem is not None:
-            raise BadSample(problem[0], key, problem[1])
-        caption = check_caption(values.get(self.caption_column), key)
-        image_path = values.get(self.image_column)
-        if image_path is None or not isinstance(image_path, str) or not image_path.strip():
-            raise BadSample("missing_image", key, f"no image path in column {self.image_column!r}")
-        if "://" in image_path:
-            raise BadSample("missing_file", key, f"{image_path} is a URL; siglip reads local files only")
-        location = self.folder / image_path.strip()
-        try:
-            data = location.read_bytes()
-        except FileNotFoundError:
-            raise BadSample("missing_file", key, f"image file {location} does not exist") from None
-        except OSError as error:
-            raise BadSample("unreadable_file", key, f"image file {location}: {error}") from None
-        image = decode_image(data, f"{key} ({image_path})", max_pixels=self.max_image_pixels,
-                             draft_size=self.image_size)
+        key = self._key(record)
+        caption = self._caption(record)
+        image = self._image(record)
+        values = self.rows[record][1]
         labels, positive_id = {}, caption_id(caption)
         raw_label = values.get(self.label_column) if self.label_column else None
         if raw_label is not None and str(raw_label).strip():
@@ -90,9 +92,91 @@ class TabularSource(FiniteSource):
             positive_id = labels[LABEL_TASK]
         return Sample(image=image, caption=caption, key=key, labels=labels, positive_id=positive_id)
 
+    def _key(self, record: int) -> str:
+        return f"{self.name}:{self.rows[record][0]}"
+
+    def _caption(self, record: int) -> str:
+        """The row's caption; BadSample for a row that could not be parsed or whose caption is missing or empty."""
+        _, values, problem = self.rows[record]
+        if problem is not None:
+            raise BadSample(problem[0], self._key(record), problem[1])
+        return check_caption(values.get(self.caption_column), self._key(record))
+
+    def _image_path(self, record: int) -> str:
+        """The image path of a parsed row, as written; BadSample when it is missing or a URL."""
+        key, image_path = self._key(record), self.rows[record][1].get(self.image_column)
+        if image_path is None or not isinstance(image_path, str) or not image_path.strip():
+            raise BadSample("missing_image", key, f"no image path in column {self.image_column!r}")
+        if "://" in image_path:
+            raise BadSample("missing_file", key, f"{image_path} is a URL; siglip reads local files only")
+        return image_path.strip()
+
+    def _image(self, record: int) -> Image.Image:
+        key, image_path = self._key(record), self._image_path(record)
+        location = self.folder / image_path
+        try:
+            data = location.read_bytes()
+        except FileNotFoundError:
+            raise BadSample("missing_file", key, f"image file {location} does not exist") from None
+        except OSError as error:
+            raise BadSample("unreadable_file", key, f"image file {location}: {error}") from None
+        return decode_image(data, f"{key} ({image_path})", max_pixels=self.max_image_pixels,
+                            draft_size=self.image_size)
+
     def test_samples(self) -> list[Sample]:
         """Every row, in file order (a table is one split); bad rows skipped, or raised when strict."""
-        return self._read_all(range(len(self.rows)), self._read_record)
+        return list(self.iter_test_samples())
+
+    def iter_test_samples(self, skipped: Counter[str] | None = None) -> Iterator[Sample]:
+        yield from self._iter_all(range(len(self.rows)), self._read_record, skipped)
+
+    def iter_retrieval_images(self, skipped: Counter[str] | None = None) -> Iterator[RetrievalImage]:
+        """Each distinct image once, in the order of its first row, with the captions of all its rows.
+
+        Rows name the same image when their paths lead to the same file ("a.jpg" and "./a.jpg"). A row whose
+        caption is bad is skipped and counted by its kind; an image none of whose rows has a caption is skipped
+        and counted as "image_without_caption"; an image that cannot be read is skipped with its captions and
+        counted once by its kind. Under strict the first of these is raised.
+        """
+        skipped = Counter() if skipped is None else skipped
+        log = BadSampleLog()
+        for records in self._rows_by_image(skipped, log).values():
+            captions = []
+            for record in records:
+                try:
+                    captions.append(self._caption(record))
+                except BadSample as error:
+                    self._skip(error, skipped, log)
+            try:
+                if not captions:
+                    raise BadSample("image_without_caption", self._key(records[0]),
+                                    f"none of the {len(records)} rows of image {self._image_path(records[0])} has "
+                                    "a caption")
+                image = self._image(records[0])
+            except BadSample as error:
+                self._skip(error, skipped, log)
+                continue
+            yield RetrievalImage(key=self._image_path(records[0]), image=image, captions=captions)
+
+    def _rows_by_image(self, skipped: Counter[str], log: BadSampleLog) -> dict[str, list[int]]:
+        """Normalised image path -> the records that name it, in file order; rows without a usable path skipped."""
+        groups: dict[str, list[int]] = {}
+        for record, (_, _, problem) in enumerate(self.rows):
+            try:
+                if problem is not None:
+                    self._caption(record)                              # raises the row's problem
+                path = os.path.normpath(self.folder / self._image_path(record))
+            except BadSample as error:
+                self._skip(error, skipped, log)
+                continue
+            groups.setdefault(path, []).append(record)
+        return groups
+
+    def _skip(self, error: BadSample, skipped: Counter[str], log: BadSampleLog) -> None:
+        if self.strict:
+            raise error
+        log.record(error)
+        skipped[error.kind] += 1
 
     def caption_corpus(self, count: int) -> list[str]:
         captions = []
