@@ -262,3 +262,120 @@ def test_weights_that_do_not_fit_the_config_are_a_user_error(tmp_path, saved, ch
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="cannot load the SiglipModel weights|does not fit its SiglipModel config"):
         load_model(str(directory))
+
+
+# ------------------------------------------------------------------------------------------------ NaFlex
+
+
+def mixed_images(count: int) -> list:
+    """Random images of mixed sizes and aspect ratios (tall, wide, square), all at least one 8 px patch."""
+    from PIL import Image
+
+    sides = [(int(torch.randint(8, 70, ())), int(torch.randint(8, 70, ()))) for _ in range(count)]
+    return [Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8).numpy()) for w, h in sides]
+
+
+def test_pack_and_unpack_are_inverse_and_trim_only_padding():
+    from siglip.model import pack_patches, unpack_patches
+
+    budget, width = 12, 3 * 8 * 8
+    grids = [(1, 1), (3, 4), (2, 5), (1, 12)]
+    patches = [torch.randn(budget, width) for _ in grids]
+    for grid, rows in zip(grids, patches, strict=True):
+        rows[grid[0] * grid[1]:] = 0                                   # the processor's padding
+    packed = torch.stack([pack_patches(rows, grid) for rows, grid in zip(patches, grids, strict=True)])
+    pixel_values, mask, shapes = unpack_patches(packed)
+    assert shapes.tolist() == [list(grid) for grid in grids] and shapes.dtype == torch.int64
+    assert pixel_values.shape == (4, 12, width) and mask.dtype == torch.int32
+    assert mask.sum(dim=1).tolist() == [1, 12, 10, 12]
+    assert torch.equal(pixel_values, torch.stack(patches))
+    trimmed, trimmed_mask, _ = unpack_patches(packed[:1])                # one 1 x 1 image: a single patch column
+    assert trimmed.shape == (1, 1, width) and trimmed_mask.tolist() == [[1]]
+    with pytest.raises(ValueError, match="rows \\* columns <= P"):
+        pack_patches(torch.randn(4, width), (3, 2))
+
+
+def test_naflex_encoder_equals_transformers_siglip2_on_the_same_images(tmp_path):
+    """A NaFlex checkpoint made with transformers' own classes: our packed, trimmed forward of a batch of mixed
+    sizes and aspect ratios gives what Siglip2Model gives on the processor's padded batch (float32)."""
+    from google_checkpoints import build_checkpoint
+    from siglip.tokenizer import image_transform
+
+    model, processor = load_model(str(build_checkpoint("naflex", tmp_path / "naflex", num_patches=16,
+                                                       max_num_patches=int(torch.randint(4, 30, ())))))
+    assert type(model).__name__ == "Siglip2Model"
+    images = mixed_images(6)
+    to_pixels = image_transform(processor)
+    with torch.no_grad():
+        ours = encode_images(model, torch.stack([to_pixels(image) for image in images]))
+        inputs = processor.image_processor(images=images, return_tensors="pt")
+        theirs = F.normalize(model.get_image_features(**inputs).pooler_output, dim=-1)
+        # One image alone (its own padding, its own position grid) gives its row of the batch.
+        alone = encode_images(model, to_pixels(images[2])[None])
+    # The same float32 operations on fewer padding columns (masked): measured below 1e-6.
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert torch.allclose(alone, ours[2:3], atol=1e-5)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3                        # the images matter
+
+
+def test_naflex_preset_trains_through_both_towers():
+    model = build_model("naflex-tiny", vocab_size=50, max_text_length=8, image_size=24)
+    assert model.config.vision_config.num_patches == 9 and model_image_size(model) == 24
+    from siglip.model import pack_patches
+
+    grids = [(3, 3), (2, 4), (1, 7)]                                     # a budget of 9 patches, mixed shapes
+    packed = torch.stack([pack_patches(torch.randn(9, 192), grid) for grid in grids])
+    images = encode_images(model, packed)
+    texts = encode_texts(model, left_padded([3, 5, 2], 8, 50))
+    (images * texts).sum().backward()
+    assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert model.vision_model.embeddings.position_embedding.weight.grad.abs().sum() > 0
+    assert model.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="packed"):
+        encode_images(model, torch.randn(2, 3, 24, 24))                 # fixed-resolution pixels
+
+
+# ------------------------------------------------------------------------------------- Google's conventions
+
+
+@pytest.mark.parametrize("kind", ["siglip", "siglip2", "naflex"])
+def test_google_checkpoints_encode_text_as_transformers_does_on_their_tokenizers_output(tmp_path, kind):
+    """Right-padded to 64 with the pad (v1: </s>) token, no attention mask: every position attended, the last
+    pooled; and the text config gets the tokenizer's own ids in place of transformers' 49406 / 49407."""
+    from google_checkpoints import build_checkpoint
+    from siglip.tokenizer import text_transform
+
+    model, processor = load_model(str(build_checkpoint(kind, tmp_path / kind)))
+    tokenizer = processor.tokenizer
+    text_config = model.config.text_config
+    assert text_config.mask_pad_tokens is False
+    assert (text_config.pad_token_id, text_config.eos_token_id, text_config.bos_token_id) == (
+        tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    captions = ["a red circle", "Two large dogs on the grass", "star"]
+    to_ids = text_transform(processor)
+    ids = torch.stack([to_ids(caption) for caption in captions])
+    piped = tokenizer(captions, padding="max_length", max_length=64, truncation=True, return_tensors="pt")
+    assert set(piped) == {"input_ids"} and torch.equal(ids, piped["input_ids"])    # what the pipeline feeds
+    assert (ids[:, -1] == tokenizer.pad_token_id).all()                               # padded on the right
+    with torch.no_grad():
+        ours = encode_texts(model, ids)
+        theirs = F.normalize(model.get_text_features(**piped).pooler_output, dim=-1)
+    assert torch.equal(ours, theirs)
+
+
+def test_a_right_padding_tokenizer_with_a_mask_is_computed_as_transformers_does(tmp_path, saved):
+    directory = copy_of(saved, tmp_path / "right")
+    config = json.loads((directory / "config.json").read_text())
+    del config["text_config"]["mask_pad_tokens"]                        # not a checkpoint of ours
+    (directory / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.update(padding_side="right", model_max_length=64)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    model, processor = load_model(str(directory))
+    assert model.config.text_config.mask_pad_tokens is True and model.config.text_config.padding_side == "right"
+    piped = processor.tokenizer(["a red circle", "two blue squares"], padding="max_length", max_length=64,
+                                return_tensors="pt")
+    with torch.no_grad():
+        ours = encode_texts(model, piped["input_ids"])
+        theirs = F.normalize(model.get_text_features(**piped).pooler_output, dim=-1)
+    assert torch.equal(ours, theirs)

@@ -16,6 +16,7 @@ from siglip.tokenizer import (
     image_transform,
     load_processor,
     load_tokenizer,
+    set_patch_budget,
     text_transform,
     tokenize,
     train_tokenizer,
@@ -160,3 +161,67 @@ def test_transforms_pickle_for_dataloader_workers(tokenizer, captions):
     for transform, value in ((text_transform(processor), captions[0]), (image_transform(processor), image)):
         copy = pickle.loads(pickle.dumps(transform))
         assert torch.equal(copy(value), transform(value))
+
+
+# ------------------------------------------------------------------------------------------------------- NaFlex
+
+
+@pytest.fixture(scope="module")
+def naflex_processor(tokenizer):
+    return build_processor(tokenizer, image_size=32, preset="naflex-tiny", max_num_patches=int(random.randint(6, 24)))
+
+
+def test_naflex_processor_keeps_the_presets_patch_and_the_budget(tokenizer):
+    processor = build_processor(tokenizer, image_size=48, preset="naflex-tiny")
+    assert type(processor).__name__ == "Siglip2Processor"
+    assert processor.image_processor.patch_size == 8 and processor.image_processor.max_num_patches == 36   # (48/8)^2
+    set_patch_budget(processor, 20)
+    assert processor.image_processor.max_num_patches == 20
+    with pytest.raises(UserError, match="NaFlex .* only"):
+        set_patch_budget(build_processor(tokenizer, image_size=16), 20)
+    with pytest.raises(UserError, match="positive number of patches"):
+        set_patch_budget(processor, 0)
+    with pytest.raises(UserError, match="NaFlex models only"):
+        build_processor(tokenizer, image_size=32, preset="tiny", max_num_patches=16)
+
+
+def test_naflex_transform_packs_the_image_processors_own_patches_bit_for_bit(naflex_processor):
+    transform = image_transform(naflex_processor)
+    budget = naflex_processor.image_processor.max_num_patches
+    for _ in range(12):                                       # sizes and aspect ratios of every kind
+        width, height = int(torch.randint(8, 90, ())), int(torch.randint(8, 90, ()))
+        image = Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy())
+        packed = transform(image)
+        want = naflex_processor.image_processor(images=image, return_tensors="pt")
+        rows, columns = want["spatial_shapes"][0].tolist()
+        assert packed.shape == (1 + budget, 3 * 8 * 8) and packed.dtype == torch.float32
+        assert packed[0, :2].tolist() == [rows, columns] and not packed[0, 2:].any()
+        assert torch.equal(packed[1:], want["pixel_values"][0])                 # padding included
+        assert rows * columns <= budget and int(want["pixel_attention_mask"][0].sum()) == rows * columns
+        # The aspect ratio is kept as far as whole patches allow: the longer side stays the longer (or equal).
+        assert (columns >= rows) if width >= height else (columns <= rows)
+
+
+def test_naflex_images_below_one_patch_are_refused_by_name(naflex_processor):
+    from siglip.tokenizer import ImageTooSmall
+
+    transform = image_transform(naflex_processor)
+    for size in [(7, 40), (40, 7), (1, 1)]:
+        with pytest.raises(ImageTooSmall, match=rf"{size[0]} x {size[1]} image is smaller than one 8 x 8 patch"):
+            transform(Image.new("RGB", size))
+    assert transform(Image.new("RGB", (8, 8))).shape[0] == 1 + naflex_processor.image_processor.max_num_patches
+    copy = pickle.loads(pickle.dumps(transform))                      # DataLoader workers get a copy
+    image = Image.new("RGB", (30, 11), (10, 20, 30))
+    assert torch.equal(copy(image), transform(image))
+
+
+def test_text_length_is_the_declared_one_or_the_pipelines():
+    from siglip.tokenizer import text_length
+
+    class Declares:
+        def __init__(self, length):
+            self.model_max_length = length
+
+    assert text_length(Declares(16)) == 16                    # ours: the run's --max-text-length
+    assert text_length(Declares(64)) == 64                    # Google's SigLIP v1
+    assert text_length(Declares(int(1e30))) == 64             # a Gemma tokenizer declares no real limit
