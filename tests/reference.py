@@ -166,3 +166,12 @@ def peak_allocated_bytes(step) -> int:
         live += event.nbytes()
         peak = max(peak, live)
     return peak
+
+
+def tolerance(tolerances: tuple[float, float, float], quantity: str) -> float:
+    """One of (loss, x and y gradients, t and b gradients) for `quantity`: "loss", "x", "y", "t" or "b".
+
+    They differ by orders of magnitude: the loss and the t and b gradients are float32 sums (1e-7 of their scale),
+    while 16-bit feature gradients are rounded to their dtype on the way out (bfloat16: 2^-8 of each entry).
+    """
+    return tolerances[0 if quantity == "loss" else 1 if quantity in ("x", "y") else 2]
