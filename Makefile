@@ -9,13 +9,15 @@ TORCH_SPEC ?= torch==2.13.0
 
 venv: $(VENV)/.installed
 
-# The package and its runtime dependencies: all `make demo` needs.
+# The package and its runtime dependencies: all `make demo` needs. One pip call installs torch and the package
+# together (the venv's own pip is recent enough for an editable install: no upgrade first); where the torch pin
+# cannot be had, torch's CPU index, then the package.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)" \
-		|| $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/python -m pip install -q -e .
+	if $(BIN)/python -c "import torch" 2>/dev/null; then $(BIN)/python -m pip install -q -e .; \
+	elif ! $(BIN)/python -m pip install -q "$(TORCH_SPEC)" -e .; then \
+		$(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu \
+		&& $(BIN)/python -m pip install -q -e .; fi
 	touch $@
 
 # The test tools on top (pytest, ruff, triton for the interpreter tests of the GPU kernel), and open_clip's loss,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import random
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from siglip.cli import main
 from siglip.data import open_source
 from siglip.errors import UserError
 from siglip.prompts import DIGIT_NAMES
@@ -76,3 +78,11 @@ def test_prompt_files_replace_the_built_in_prompts(tmp_path):
         open_source("digits", templates_file=str(tmp_path / "bad.txt"))
     with pytest.raises(UserError, match="does not exist"):
         open_source("digits", templates_file=str(tmp_path / "absent.txt"))
+
+
+def test_without_scikit_learn_the_error_says_how_to_install_it(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)        # the import now raises ImportError
+    with pytest.raises(UserError, match="pip install scikit-learn"):
+        open_source("digits")
+    assert main(["data", "inspect", "--data", "digits"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1                    # one line, no traceback
