@@ -79,7 +79,9 @@ def shell_commands(page: Path) -> list[Command]:
 def _is_command(words: list[str]) -> bool:
     program = words[0].rsplit("/", 1)[-1]
     if program == "siglip":
-        return len(words) > 1 and not words[1].endswith(":")       # "siglip data: error: ..." is output
+        # "siglip data: error: ..." is output, "siglip 2 recipe  siglip2/ ..." a row of a diagram: a command's next
+        # word is a subcommand's name or a flag.
+        return len(words) > 1 and re.fullmatch(r"[a-z][a-z-]*|-h|--help", words[1]) is not None
     return program in {"torchrun", "make", "python", "python3", "printf", "pip", "hf"}
 
 
