@@ -262,3 +262,24 @@ def test_the_readme_lists_every_page_of_docs():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     unlisted = [page.name for page in PAGES[1:] if f"](docs/{page.name})" not in readme]
     assert not unlisted, f"README.md's Documentation list lacks {unlisted}"
+
+
+def test_each_inline_siglip_command_names_real_flags():
+    """`siglip ...` written inline in prose: the subcommand and every flag must exist (placeholders are allowed)."""
+    wrong = []
+    for page in PAGES:
+        for span in re.findall(r"`((?:\.venv/bin/)?siglip [^`\n]+)`", page.read_text(encoding="utf-8")):
+            try:
+                arguments = shlex.split(span)[1:]
+            except ValueError:
+                continue
+            if not arguments or not re.fullmatch(r"[a-z][a-z-]*", arguments[0]):
+                continue
+            if arguments[0] not in cli.COMMANDS:
+                wrong.append(f"{page.name}: `{span}`: no command {arguments[0]}")
+                continue
+            flags = {word.strip("[]").split("=")[0] for word in arguments if word.strip("[").startswith("--")}
+            unknown = sorted(flags - _flags(command_parser(arguments)))
+            if unknown:
+                wrong.append(f"{page.name}: `{span}`: no {unknown}")
+    assert not wrong, "\n".join(wrong)
