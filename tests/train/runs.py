@@ -54,6 +54,16 @@ def write_table(folder: Path, rows: int, missing: set[int]) -> Path:
     return folder / "pairs.csv"
 
 
+def with_attention_dropout(model, probability: float) -> None:
+    """Turn on attention dropout in every SigLIP attention layer (the presets have none; --init checkpoints may)."""
+    from transformers.models.siglip.modeling_siglip import SiglipAttention
+
+    layers = [module for module in model.modules() if isinstance(module, SiglipAttention)]
+    assert layers, "no SiglipAttention layer found"
+    for module in layers:
+        module.dropout = probability
+
+
 def tiny_towers(lock_image: bool = False):
     from siglip.model import build_model
 

@@ -29,12 +29,16 @@ class PairTransform:
     --cache-image-features then refuses it (a cached embedding would freeze one augmented view)."""
 
     def __init__(self, processor: Any):
-        from siglip.tokenizer import image_transform, text_transform
+        from siglip.tokenizer import image_transform, text_length, text_transform
+        from siglip.train.captions import TruncationCheck
 
         self.image = image_transform(processor)
         self.text = text_transform(processor)
+        self.truncated = TruncationCheck(processor.tokenizer, text_length(processor.tokenizer))
 
     def __call__(self, sample: Any) -> dict[str, torch.Tensor]:
+        """The tensors above, and "caption_truncated": a 0-d bool, True when the caption is longer than the text
+        length and loses its end (the loop counts these: siglip.train.captions)."""
         from siglip.data.sample import BadSample
         from siglip.tokenizer import ImageTooSmall
 
@@ -42,7 +46,16 @@ class PairTransform:
             pixel_values = self.image(sample.image)
         except ImageTooSmall as error:      # a NaFlex image below one patch: skipped and counted like a bad file
             raise BadSample(error.kind, sample.key, str(error)) from None
-        return {"pixel_values": pixel_values, "input_ids": self.text(sample.caption)}
+        return {"pixel_values": pixel_values, **self.caption_tensors(sample.caption)}
+
+    def caption_tensors(self, caption: str) -> dict[str, torch.Tensor]:
+        """caption -> {"input_ids": (L,) int64, "caption_truncated": 0-d bool}."""
+        input_ids = self.text(caption)
+        return {"input_ids": input_ids, "caption_truncated": CUT_SHORT if self.truncated(caption, input_ids) else WHOLE}
+
+
+CUT_SHORT, WHOLE = torch.tensor(True), torch.tensor(False)
+"""The two values of "caption_truncated", made once: a new 0-d tensor a sample costs more than the check itself."""
 
 
 class ContrastiveTowers(nn.Module):
@@ -91,14 +104,25 @@ def contrastive_loss(
     group: dist.ProcessGroup | None,
     positive_ids: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The chosen loss (siglip.loss) on float32 features; this rank's share divided by its local batch."""
+    """The chosen loss (siglip.loss) on float32 features; this rank's share divided by its local batch.
+
+    A run that diverges can hold a t' whose exp overflows, or a b that is NaN. The public loss refuses a
+    non-finite t or b with a ValueError; here the loss runs on t = 1, b = 0 instead and its value is made NaN, so
+    that the update is skipped (siglip.train.guard) while every rank still takes part in the same collectives.
+    """
     from siglip.loss import sigmoid_loss, softmax_loss
 
     image_features, text_features = image_features.float(), text_features.float()
+    logit_scale, logit_bias = logit_scale.float(), logit_bias.float()
+    finite = torch.isfinite(logit_scale) & torch.isfinite(logit_bias)          # on the device: no host sync
+    logit_scale = torch.where(finite, logit_scale, torch.ones_like(logit_scale))
+    logit_bias = torch.where(finite, logit_bias, torch.zeros_like(logit_bias))
     if loss == "sigmoid":
-        return sigmoid_loss(image_features, text_features, logit_scale.float(), logit_bias.float(), group,
-                            positive_ids=positive_ids)
-    return softmax_loss(image_features, text_features, logit_scale.float(), group, positive_ids=positive_ids)
+        value = sigmoid_loss(image_features, text_features, logit_scale, logit_bias, group,
+                             positive_ids=positive_ids)
+    else:
+        value = softmax_loss(image_features, text_features, logit_scale, group, positive_ids=positive_ids)
+    return torch.where(finite.reshape(()), value, torch.full_like(value, float("nan")))
 
 
 def forward_backward(
@@ -124,7 +148,9 @@ def forward_backward(
             batch at once, but not every activation: (1) embed the whole batch without a graph, (2) compute the
             loss and its gradient with respect to the embeddings, t and b, (3) re-embed each micro-batch with a
             graph and backpropagate its slice of that gradient. By the chain rule the parameter gradient equals
-            the full batch's; memory holds one micro-batch's activations. Costs one extra forward pass.
+            the full batch's; memory holds one micro-batch's activations. Costs one extra forward pass. The
+            random state (dropout) is saved before each micro-batch's first pass and restored before its second
+            (as GradCache does), so both passes draw the same masks and the gradient is that of the loss computed.
         autocast_dtype: run the towers under autocast to this dtype (bfloat16 on CUDA); the loss runs in float32.
         image_features: (n, d) embeddings of the locked image tower, looked up in the image-feature cache: the image
             tower is not run. They enter the loss as the tower's own output would (constants either way).
@@ -147,8 +173,11 @@ def forward_backward(
         return value.detach()
 
     slices = [slice(start, min(start + micro_batch, n)) for start in range(0, n, micro_batch)]
+    random_states, parts = [], []
     with torch.no_grad(), autocast:
-        parts = [run_towers(part) for part in slices]
+        for part in slices:
+            random_states.append(_random_state(input_ids.device))
+            parts.append(run_towers(part))
     all_images = torch.cat([p[0] for p in parts]).float().requires_grad_(True)     # (n, d) leaves
     text_features = torch.cat([p[1] for p in parts]).float().requires_grad_(True)
     logit_scale = parts[0][2].detach().float().requires_grad_(True)
@@ -163,6 +192,7 @@ def forward_backward(
     no_sync = getattr(towers, "no_sync", None)
     for index, part in enumerate(slices):
         last = index == len(slices) - 1
+        _restore_random_state(random_states[index], input_ids.device)       # the first pass's dropout masks
         # DDP all-reduces on the last backward only; the earlier ones accumulate locally.
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast:
             images, texts, scale, bias = run_towers(part)
@@ -181,16 +211,42 @@ def forward_backward(
 
 def frozen_image_encoder(model: nn.Module, device: torch.device, chunk: int | None,
                          autocast_dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(m, 3, S, S) CPU pixels -> (m, d) embeddings of the locked image tower, `chunk` images at a time (the
-    micro-batch: a cache fill never needs more activation memory than a training step)."""
+    """(m, 3, S, S) CPU pixels -> (m, d) embeddings of the locked image tower, `chunk` images a tower call (the
+    micro-batch, or the local batch: a cache fill never needs more activation memory than a training step).
+
+    Every call of the tower runs exactly `chunk` images, the last group padded with copies of its last image, so
+    that an image's embedding is a function of the image alone. A CPU matrix product rounds a row differently for
+    a different number of rows, but not for other neighbours in a product of the same size (tests/train/
+    test_step.py checks it on the tiny tower): without the padding, an image cached at its first visit would
+    depend on how many other images were new in that batch, which differs between a resumed run and an
+    uninterrupted one. chunk None runs all m images in one call.
+    """
     from siglip.model import encode_images
 
     def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-        step = chunk or pixel_values.shape[0]
+        count = pixel_values.shape[0]
+        group = chunk or count
         autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                     else contextlib.nullcontext())
+        embeddings = []
         with torch.no_grad(), autocast:
-            return torch.cat([encode_images(model, pixel_values[start:start + step].to(device)).float()
-                              for start in range(0, pixel_values.shape[0], step)])
+            for start in range(0, count, group):
+                images = pixel_values[start:start + group]
+                real = images.shape[0]
+                if real < group:
+                    images = torch.cat([images, images[-1:].expand(group - real, *images.shape[1:])])
+                embeddings.append(encode_images(model, images.to(device)).float()[:real])
+        return torch.cat(embeddings)
 
     return encode
+
+
+def _random_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torch's CPU random state and, on a CUDA device, that device's: what dropout draws from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _restore_random_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
