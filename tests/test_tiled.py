@@ -139,7 +139,7 @@ def test_retained_graph_keeps_its_gradients_when_grad_is_changed_in_place():
 # ---------------------------------------------------------------------------------------------------------------
 # Memory: the n x n matrix never exists, measured by the kernel (VmHWM of a fresh process), not by siglip
 
-MEMORY_SIZES, MEMORY_D, MEMORY_CHUNK = (1024, 4096), 32, 256
+MEMORY_SIZES, MEMORY_D, MEMORY_CHUNK = (512, 2048), 32, 256
 MEMORY_PROBE = f"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -173,7 +173,7 @@ def test_peak_memory_does_not_grow_with_n_squared():
 
     backends = [require_backend(name) for name in CPU_BACKENDS]
     done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(Path(__file__).parent), *backends, "full matrix"],
-                          capture_output=True, text=True, timeout=900, check=True)
+                          capture_output=True, text=True, timeout=900, check=True)     # about 6 s of CPU
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     small, large = MEMORY_SIZES
     mib = 2**20
@@ -182,11 +182,12 @@ def test_peak_memory_does_not_grow_with_n_squared():
     full = peaks.pop("full matrix")
     assert full[1] - full[0] >= 4 * (large**2 - small**2), f"full matrix: {[p / mib for p in full]} MiB"
     for backend, measured in peaks.items():
-        # Within one tile (chunk rows x at most 2048 columns of float32) plus what is O(n d): the two feature
-        # gradients and, in the tile loop, copies of the features (8 n d floats allowed), plus 1 MiB of small
-        # buffers. An n x n float32 matrix would be 64 MiB at n = 4096. Measured on this project's machine: torch
-        # 2.7 and 2.9 MiB, cpu_fused 1.1 and 3.4 MiB at n = 1024 and 4096 (full matrix: 12 and 194 MiB).
+        # Within three tiles (chunk rows x at most 2048 columns of float32: the tile, and the temporaries the eager
+        # tile makes) plus what is O(n d): the two feature gradients and, in the tile loop, copies of the features
+        # (8 n d floats allowed), plus 1 MiB of small buffers: 9 MiB at n = 2048, where one n x n float32 matrix is
+        # 16 MiB. Measured on this project's machine: torch 1.5 and 3.0 MiB, cpu_fused 0.6 and 2.9 MiB at n = 512
+        # and 2048 (the full matrix: 3.1 and 48.8 MiB).
         for n, peak in zip(MEMORY_SIZES, measured, strict=True):
-            allowed = MEMORY_CHUNK * min(n, 2048) * 4 + 8 * n * MEMORY_D * 4 + mib
+            allowed = 3 * MEMORY_CHUNK * min(n, 2048) * 4 + 8 * n * MEMORY_D * 4 + mib
             assert peak <= allowed, (f"{backend} at n = {n}: peak {peak / mib:.2f} MiB above the inputs, "
                                      f"allowed {allowed / mib:.2f} MiB")
