@@ -120,8 +120,9 @@ def test_traffic_counted_by_the_code_matches_the_cost_model(reports):
 
 
 def test_two_pass_rings_scale_each_contribution_by_its_ranks_incoming_gradient(reports):
-    # three rings with per-rank weights, single_lap with one common weight, and two_pass's second lap counted
-    _assert_reports(reports, "weighted", 3 * 5)
+    # three rings with per-rank weights, two_pass with ids too, single_lap with one common weight, and two_pass's
+    # second lap counted
+    _assert_reports(reports, "weighted", 3 * 6)
 
 
 def test_rings_under_no_grad_give_the_value_and_send_no_gradients(reports):
@@ -398,6 +399,7 @@ def _weighted_checks(rank, size, group, member, generator, check):
     """Rank r back-propagates w_r times its loss: the two-pass rings route each w_r with its contribution."""
     n, d = 5, 6
     x, y, t, b, _ = global_batch(generator, size, n, d, torch.float64)
+    ids = random_ids(size * n, "clusters", generator)          # drawn on every rank alike, members or not
     weights = [1.0 + 0.5 * r for r in range(size)]
     if not member:
         return
@@ -407,6 +409,13 @@ def _weighted_checks(rank, size, group, member, generator, check):
         value = sigmoid_loss(*leaves, group, ring=impl, backend="torch")
         (weights[rank] * value).backward()
         check(f"weighted D={size} {impl}", compare, value, [leaf.grad for leaf in leaves], want, torch.float64, impl)
+    # the second lap carries the ids with the blocks, as the first does
+    want_ids = sigmoid_shares(x, y, t, b, ids, size, weights)[rank]
+    leaves = local_leaves(x, y, t, b, rank, n, torch.float64)
+    value = sigmoid_loss(*leaves, group, ring="two_pass", positive_ids=ids[rank * n:(rank + 1) * n], backend="torch")
+    (weights[rank] * value).backward()
+    check(f"weighted D={size} two_pass ids", compare, value, [leaf.grad for leaf in leaves], want_ids, torch.float64,
+          "two_pass ids")
     # two_pass learns in its backward pass that the weights differ, and recomputes in a second lap: counted
     stats = CommStats()
     value = ring.ring_sigmoid_loss(*local_leaves(x, y, t, b, rank, n, torch.float64), group,
