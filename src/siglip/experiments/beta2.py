@@ -1,8 +1,8 @@
 """Study: Adam's beta2 and loss spikes (the paper's Section 4.7, Figure 5: stabilising large-batch training).
 
 Two arms per seed, identical but for beta2 (0.999, Adam's default, and 0.95), without gradient clipping so that
-instabilities are not hidden, at a learning rate high enough for the default to spike: at the paper's 1e-3 no run
-of ours ever spiked, so a study there could not test the claim. Loss spikes are counted on each training-loss curve.
+instabilities are not hidden, at three times the paper's learning rate: at 1e-3 no run of ours ever spiked. Loss
+spikes are counted on each training-loss curve; the claim counts as tested only if a beta2 = 0.999 run spiked.
 
 A spike, as counted here: step s starts a spike when its loss exceeds (1 + rise) times the median of the `window`
 losses before it, and step s - 1 did not; the run of consecutive steps above that line is one spike. The median of a
@@ -78,8 +78,8 @@ PAPER = PaperFigure(
 
 
 def study(smoke: bool) -> Study:
-    """Batch 256, 300 steps at lr 5e-3 (where 0.999 spikes), 4 seeds; smoke: batch 16, 30 steps, 2 seeds."""
-    batch, steps, lr = (16, 30, 5e-3) if smoke else (256, 300, 5e-3)
+    """Batch 256, 300 steps at lr 3e-3, 4 seeds; smoke: batch 16, 24 steps, 2 seeds."""
+    batch, steps, lr = (16, 24, 3e-3) if smoke else (256, 300, 3e-3)
     arms = [Arm(f"beta2 = {beta2}", batch, steps, beta2=beta2, lr=lr) for beta2 in (0.999, 0.95)]
     default, lowered = (arm.name for arm in arms)
 
@@ -95,12 +95,17 @@ def study(smoke: bool) -> Study:
                    must_learn=(lowered,), condition=default_spiked),
     ]
     scope = (
-        f"Tested: the instability itself. At the paper's learning rate (1e-3) neither beta2 ever spiked in our runs "
-        f"(batch 512, 250 steps, an earlier design), so the claim could not be tested there; at lr {lr:g}, batch "
-        f"{batch}, {steps} steps, no clipping, beta2 = 0.999 does spike, and the study asks whether 0.95 removes the "
-        "spikes and what they cost. Not tested: the paper's cause of the instability, batch size (its runs go to "
-        "batch 32k and beyond); here the learning rate stands in for it. A spike is a step whose loss is more than "
-        f"{100 * RISE:g}% above the median of the {WINDOW} steps before it (consecutive such steps count once)."
+        "Tested, if it occurs: the instability itself. We looked for a setting where beta2 = 0.999 spikes, without "
+        "clipping: lr 1e-3 at batch 512 for 250 steps (an earlier design, 3 seeds), lr 2e-3 and 3e-3 at batch 128 "
+        "for 400 steps, lr 3e-3 and 5e-3 at batch 256 for 300 steps (seed 0 each): no spike by the rule below (the "
+        "largest rises, 15-20%, came at the same steps for both learning rates: hard batches, not the optimiser); "
+        "at 5e-3 neither beta2 learned (both stayed near chance). At batch 32 for 3,000 steps (lr 2e-3) the rule "
+        "fires hundreds of times on the noise of 32-pair batches, so it cannot tell an instability there. This "
+        f"study runs lr {lr:g} at batch {batch} for {steps} steps: the highest learning rate tried at which the loss "
+        "still fell with beta2 = 0.999 (from 8.8 to 5.1 on seed 0, though its held-out accuracy stayed near chance). "
+        "Not tested: the paper's cause, batch size (its runs go to batch 32k and beyond), and its "
+        f"long schedules. A spike is a step whose loss is more than {100 * RISE:g}% above the median of the "
+        f"{WINDOW} steps before it (consecutive such steps count once)."
     )
     return Study(name="beta2", title="Adam beta2 and loss spikes", claim=CLAIM, paper=[PAPER], arms=arms,
                  comparisons=comparisons, scope=scope, seeds=(0, 1) if smoke else (0, 1, 2, 3),
