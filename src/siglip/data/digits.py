@@ -26,11 +26,11 @@ class DigitsSource(FiniteSource):
 
     def __init__(self, *, seed: int = 0, image_size: int = 64, split: str = "train"):
         try:
-            # The import costs half a second, and scikit-learn is optional: only when digits are asked for.
+            # The import costs half a second: only when digits are asked for.
             from sklearn.datasets import load_digits
         except ImportError:
-            raise UserError("the digits source needs scikit-learn, which make demo does not install: "
-                            ".venv/bin/pip install scikit-learn") from None
+            raise UserError("the digits source needs scikit-learn, a dependency of siglip that is missing here: "
+                            "pip install scikit-learn") from None
 
         if image_size < 8:
             raise UserError(f"image_size must be at least 8 for digits, got {image_size}")
