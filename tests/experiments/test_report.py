@@ -38,3 +38,16 @@ def test_report_writer_writes_markdown_pngs_and_json(tmp_path):
 def test_a_ragged_table_is_refused():
     with pytest.raises(ValueError, match="has 1 cells, expected 2"):
         markdown_table(["a", "b"], [["only one"]])
+
+
+def test_results_json_round_trips_with_one_trial_a_line():
+    import json
+
+    from siglip.experiments.report import results_text
+
+    trials = [{"arm": f"a{index}", "seed": index, "metrics": {"zeroshot": float(torch.rand(()))}} for index in range(3)]
+    for results in ({}, {"study": "x"}, {"trials": trials}, {"study": "x", "seeds": [0, 1, 2], "trials": trials}):
+        text = results_text(results)
+        assert json.loads(text) == results
+        if "trials" in results:
+            assert sum(line.lstrip().startswith('{"arm"') for line in text.splitlines()) == len(trials)

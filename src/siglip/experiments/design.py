@@ -64,7 +64,7 @@ class TowerSpec:
     preset: str = "tiny"
     seed: int = 1000
     """Its own seed: its pool is drawn apart from the trial seeds' pools."""
-    steps: int = 1000
+    steps: int = 600
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
