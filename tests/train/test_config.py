@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 from dataclasses import replace
 
@@ -93,3 +94,36 @@ def test_cache_image_features_needs_a_locked_image_tower():
     model, towers = tiny_towers(lock_image=False)
     with pytest.raises(ValueError, match="need a locked image tower"):
         towers(None, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, model.config.vision_config.hidden_size))
+
+
+def test_a_warmup_as_long_as_the_run_is_refused():
+    steps = random.randint(2, 60)
+    validate_config(TrainConfig(steps=steps, warmup_steps=steps - 1))
+    validate_config(TrainConfig(steps=steps, warmup_steps=0))
+    for warmup in (steps, steps + random.randint(1, 50)):
+        with pytest.raises(UserError, match=f"--warmup-steps {warmup} must be fewer than --steps {steps}: the "
+                                            f"warm-up would take the whole run.*--warmup-steps {steps // 10}"):
+            validate_config(TrainConfig(steps=steps, warmup_steps=warmup))
+    with pytest.raises(UserError, match="--weight-decay-mode must be one of torch, paper, got 'l2'"):
+        validate_config(TrainConfig(weight_decay_mode="l2"))
+    with pytest.raises(UserError, match="--max-consecutive-skips must be at least 1"):
+        validate_config(TrainConfig(max_consecutive_skips=0))
+
+
+def test_help_starts_with_examples_and_keeps_each_flag_to_one_sentence(capsys):
+    from siglip.cli import main
+    from siglip.train.config import config_fields, first_sentence
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    head = text.splitlines()[:12]
+    assert head[0].startswith("usage: siglip train [--config FILE.yaml]")
+    examples = [line for line in head if line.lstrip().startswith(("siglip train", "torchrun"))]
+    assert len(examples) == 3 and any("--init" in line for line in examples)
+    assert "NOTES.md" not in text and "CONTRACT.md" not in text
+    for name, (_, doc) in config_fields().items():
+        sentence = first_sentence(doc)
+        assert sentence and ". " not in sentence.rstrip("."), name
+        # Measurements stay in the docstrings and the docs, out of --help.
+        assert "%" not in sentence and "measured" not in sentence.lower(), name

@@ -142,3 +142,47 @@ def test_two_processes_with_the_cache_match_one_process_without(tmp_path):
     for name in want:
         if not name.endswith("k_proj.bias"):       # rounding noise amplified by Adam (see the test above)
             assert (got[name] - want[name]).abs().max().item() <= 0.05 * 2e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_a_checkpoint_of_two_processes_resumes_on_one(tmp_path, two_process_run):
+    import shutil
+
+    two, seed = two_process_run
+    out = tmp_path / "one"
+    shutil.copytree(two, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000008")
+    shutil.rmtree(out / "final")
+    result = subprocess.run(siglip_command("train", *DIST_FLAGS, "--seed", seed, "--out", str(out), "--resume"),
+                            env=child_environment(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "written by 2 processes, this run has 1" in result.stdout
+    # The run continues at step 7 on the same data (the global batch order does not depend on the world size) and
+    # ends where the two processes did, up to rounding (the tolerance of the one-against-two test above).
+    assert [row["step"] for row in read_metrics(out)] == list(range(1, 9))
+    for got, want in zip(read_metrics(out)[6:], read_metrics(two)[6:], strict=True):
+        assert got["samples_seen"] == want["samples_seen"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    want, got = final_weights(two), final_weights(out)
+    for name in want:
+        if not name.endswith("k_proj.bias"):
+            assert (got[name] - want[name]).abs().max().item() <= 0.05 * 2e-3, name
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_under_torchrun_a_diverged_run_stops_on_every_rank(tmp_path):
+    out = tmp_path / "diverged"
+    flags = [*QUICK_FLAGS, "--data", "shapes", "--batch-size", "32", "--steps", "40", "--lr", "50", "--grad-clip", "0",
+             "--warmup-steps", "1", "--num-workers", "0", "--no-evaluation", *MICRO,
+             "--seed", str(random.randrange(1000))]
+    # The ranks agree on each skip with one all-reduce, so they stop at the same step: a rank that went on would
+    # wait in the next collective until the timeout below.
+    result = subprocess.run(torchrun("train", *flags, "--out", str(out)), env=child_environment(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "exitcode  : 3" in result.stderr, result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [row["step"] for row in rows if row.get("update_skipped")][-5:] == list(range(rows[-1]["step"] - 4,
+                                                                                         rows[-1]["step"] + 1))
+    assert f"siglip train: stopped at step {rows[-1]['step']}: the last 5 updates" in result.stderr

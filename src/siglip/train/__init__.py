@@ -5,6 +5,8 @@
     run_directory.py  --out: metrics, TensorBoard, checkpoints, resume
     step.py           the towers, the loss and micro-batches: one step's forward and backward
     feature_cache.py  SigLiT's cache of a locked image tower's embeddings
+    guard.py          non-finite updates skipped and counted; a run that diverged stopped (exit status 3)
+    captions.py       captions cut short by the text length, counted
     summary.py        held-out evaluation, the end-of-run table and plots
     loop.py           `train(config)`, which wires the above
 """

@@ -13,6 +13,7 @@ import argparse
 import ast
 import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -24,6 +25,8 @@ from siglip.errors import UserError
 LOSSES = ("sigmoid", "softmax")
 DEVICES = ("auto", "cpu", "cuda")
 POSITIVES = ("ids", "diagonal")
+WEIGHT_DECAY_MODES = ("torch", "paper")
+"""As siglip.optim.WEIGHT_DECAY_MODES (not imported: reading the flags must not load torch)."""
 
 
 @dataclass
@@ -31,7 +34,7 @@ class TrainConfig:
     """Everything a training run depends on. Saved inside every checkpoint; each field is also a CLI flag."""
 
     data: str = "shapes"
-    """Training source: shapes, digits, a WebDataset shard pattern, or a .csv/.tsv/.jsonl file."""
+    """Training source: shapes, digits, a WebDataset shard pattern, or a .csv/.tsv/.jsonl file (docs/data.md)."""
     model: str = "tiny"
     """Model preset of siglip.model.PRESETS (tiny, small, base)."""
     loss: str = "sigmoid"
@@ -45,7 +48,7 @@ class TrainConfig:
     seed: int = 0
     """Seeds the model's initialisation, the data order and the tokenizer."""
     device: str = "auto"
-    """cpu, cuda, or auto (cuda when available). Under torchrun each rank takes cuda:LOCAL_RANK."""
+    """cpu, cuda, or auto (cuda when available); under torchrun each rank takes cuda:LOCAL_RANK."""
     out: str = "runs/train"
     """Run directory: metrics.jsonl, tensorboard/, checkpoints/, processor/, final/, plots."""
     resume: bool = False
@@ -65,18 +68,25 @@ class TrainConfig:
     lock_image: bool = False
     """Freeze the image tower (LiT): no gradients, eval mode, no optimiser state."""
     cache_image_features: bool = False
-    """With --lock-image (SigLiT): embed each image once, keyed by its sample key, and reuse the embedding whenever
-    the image comes back, so later epochs run only the text tower. Costs n_images x d x 4 bytes of CPU memory per
-    rank (d: the image embedding width; e.g. 1M images at d = 768 take 3.1 GB); not checkpointed, a resumed run
-    rebuilds it. Saves nothing on a procedural source such as shapes, whose images never repeat."""
+    """With --lock-image (SigLiT): embed each image once and reuse its embedding when the image comes back, so later
+    epochs run only the text tower (docs/finetune.md). Costs n_images x d x 4 bytes of CPU memory per rank (d: the
+    image embedding width); not checkpointed, a resumed run rebuilds it. Saves nothing on a procedural source such
+    as shapes, whose images never repeat."""
     micro_batch: int | None = None
     """Encode each rank's batch this many samples at a time; the gradient equals the full batch's."""
     warmup_steps: int = 50
     """Updates of linear learning-rate warm-up before the cosine decay."""
     min_lr_ratio: float = 0.0
-    """The cosine decays to this fraction of --lr at the last update."""
+    """The cosine decays towards this fraction of --lr, which it reaches as the run ends."""
     weight_decay: float = 1e-4
-    """Decoupled AdamW weight decay, on weight matrices only (not biases, norms, t' or b)."""
+    """Weight decay of weight matrices (never biases, norms, t' or b), in the convention of --weight-decay-mode."""
+    weight_decay_mode: str = "torch"
+    """torch: AdamW's decay, multiplied by the learning rate, on every weight matrix; paper: big_vision's, where
+    SigLIP was trained, not multiplied by the learning rate and on linear and convolution kernels only (the same
+    as torch with --weight-decay divided by --lr; docs/finetune.md).
+
+    siglip.optim's module docstring states both. The paper's recipe (lr 1e-3, wd 1e-4) is paper; torch with 1e-4
+    decays a thousand times less."""
     beta1: float = 0.9
     """Adam's first-moment decay."""
     beta2: float = 0.95
@@ -88,20 +98,27 @@ class TrainConfig:
     init_logit_scale: float = 10.0
     """t at the start (the model stores t' = log t); the paper uses 10."""
     init_logit_bias: float = -10.0
-    """b at the start; the paper uses -10, which suits batches of tens of thousands (see NOTES.md)."""
+    """b at the start; the paper's -10 suits its batch of 32k (-log 32768 = -10.4), and a smaller batch B starts
+    better near -log B (configs/demo.yaml)."""
+    max_consecutive_skips: int = 5
+    """Stop the run (exit status 3) when this many updates in a row had a non-finite loss or gradient norm.
+
+    Each such update is skipped (siglip.train.guard): one spike passes, a run that diverged fails at every step."""
     positives: str = "ids"
-    """Which pairs of a batch are positives. ids (the default, for every source): every pair whose samples share
-    Sample.positive_id (the class, or the caption up to case and punctuation), so an image is not pushed away from
-    a caption that is true of it (digits: about 13 per row at batch 128). Measured by `siglip reproduce
-    positives` (docs/experiments.md): +3.0 points of digits zero-shot accuracy with the softmax loss, within noise
-    with the sigmoid loss, never measurably worse; on web data equal captions are rare and it changes little.
-    diagonal: only each image with its own caption, the paper's labels."""
+    """Which pairs of a batch are positives: ids, every pair whose samples share a class or (without labels) a
+    caption up to case and punctuation, or diagonal, each image with its own caption only (docs/experiments.md).
+
+    ids is the default for every source: an image is not pushed away from a caption that is true of it (digits:
+    about 13 per row at batch 128). Measured by `siglip reproduce positives` (docs/experiments.md): +3.0 points of
+    digits zero-shot accuracy with the softmax loss, within noise with the sigmoid loss, never measurably worse; on
+    web data equal captions are rare and it changes little. diagonal is the paper's labels."""
     image_size: int | None = None
     """Image side in pixels; None takes the preset's."""
     vocab_size: int = 1024
     """Tokenizer vocabulary, trained on the source's captions at the start of the run."""
     max_text_length: int = 16
-    """Tokens per caption; every caption is padded to this length (the text tower pools the last token)."""
+    """Tokens per caption (the paper's 16): shorter captions are padded, longer ones cut short and counted
+    (truncated_captions in metrics.jsonl and the summary)."""
     tokenizer_captions: int = 20000
     """Captions drawn from the source to train the tokenizer on."""
     classes: str | None = None
@@ -127,7 +144,7 @@ class TrainConfig:
 # (micro-batches and the image-feature cache change only the rounding of the gradient, not its value).
 RESUMABLE_CHANGES = frozenset({
     "out", "resume", "overwrite", "device", "num_workers", "micro_batch", "checkpoint_every", "keep_checkpoints",
-    "strict", "cache_image_features",
+    "strict", "cache_image_features", "max_consecutive_skips",
     "evaluation", "eval_every", "eval_batch_size", "log_every", "plots", "progress",
 })
 
@@ -234,8 +251,16 @@ def validate_config(config: TrainConfig, world_size: int = 1) -> None:
     need(config.steps >= 1, f"--steps must be at least 1, got {config.steps}")
     need(config.lr > 0 and math.isfinite(config.lr), f"--lr must be a positive number, got {config.lr}")
     need(config.warmup_steps >= 0, f"--warmup-steps must be 0 or more, got {config.warmup_steps}")
+    need(config.warmup_steps < config.steps or config.warmup_steps == 0,
+         f"--warmup-steps {config.warmup_steps} must be fewer than --steps {config.steps}: the warm-up would take "
+         f"the whole run, and the learning rate would never decay from its peak (or never reach it); give e.g. "
+         f"--warmup-steps {config.steps // 10} (a tenth of the run)")
     need(0 <= config.min_lr_ratio <= 1, f"--min-lr-ratio must lie in [0, 1], got {config.min_lr_ratio}")
     need(config.weight_decay >= 0, f"--weight-decay must be 0 or more, got {config.weight_decay}")
+    need(config.weight_decay_mode in WEIGHT_DECAY_MODES,
+         f"--weight-decay-mode must be one of {', '.join(WEIGHT_DECAY_MODES)}, got {config.weight_decay_mode!r}")
+    need(config.max_consecutive_skips >= 1,
+         f"--max-consecutive-skips must be at least 1, got {config.max_consecutive_skips}")
     need(0 <= config.beta1 < 1 and 0 <= config.beta2 < 1,
          f"--beta1 and --beta2 must lie in [0, 1), got {config.beta1} and {config.beta2}")
     need(config.grad_clip >= 0, f"--grad-clip must be 0 (off) or positive, got {config.grad_clip}")
@@ -300,6 +325,13 @@ def _coerce(name: str, value: Any, kind: Any, where: str) -> Any:
     raise UserError(f"{where} must be {getattr(kind, '__name__', kind)}, got {value!r}")
 
 
+def first_sentence(doc: str) -> str:
+    """A field docstring's first sentence, on one line: a flag's help says what the flag does, and the rest of the
+    docstring (why, measurements) stays with the code and the docs."""
+    text = " ".join(doc.split("\n\n")[0].split())
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", text, maxsplit=1)[0]
+
+
 def _attribute_docstrings(cls: type) -> dict[str, str]:
     """Field name -> the string literal that follows it in the class body (PEP 257 attribute docstrings)."""
     try:
@@ -325,11 +357,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for name, (kind, doc) in config_fields().items():
         flag = "--" + name.replace("_", "-")
         default = getattr(TrainConfig, name, None)
-        help_text = f"{doc} (default: {default})"
+        help_text = f"{first_sentence(doc)} (default: {default})"
         if kind is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             base = next((arg for arg in typing.get_args(kind) if arg is not type(None)), kind)
-            choices = {"loss": LOSSES, "device": DEVICES, "positives": POSITIVES}.get(name)
+            choices = {"loss": LOSSES, "device": DEVICES, "positives": POSITIVES,
+                       "weight_decay_mode": WEIGHT_DECAY_MODES}.get(name)
             parser.add_argument(flag, dest=name, type=base, default=None, choices=choices,
                                 metavar=name.upper() if choices is None else None, help=help_text)

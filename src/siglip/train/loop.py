@@ -18,7 +18,12 @@ batch holds it; later batches look the embedding up by sample key (siglip.train.
 tower.
 
 Resuming (`--resume`) restores the model, optimiser, scheduler, data position and RNG states of the newest
-checkpoint; on the CPU a resumed run ends bitwise equal to an uninterrupted one (tests/train/test_loop.py).
+checkpoint; on the CPU a resumed run ends bitwise equal to an uninterrupted one (tests/train/test_loop.py). A run
+may resume under another number of processes: the data order, the schedule and the global batch do not depend on
+it, so the run continues where it stopped, equal to an uninterrupted one up to rounding.
+
+An update whose loss or gradient norm is not finite is skipped, and a run whose updates keep failing stops with
+exit status 3 (siglip.train.guard).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +47,14 @@ from torch import nn
 from siglip import checkpoint as ckpt
 from siglip.errors import UserError
 from siglip.train.config import TrainConfig, add_config_arguments, config_fields, load_config, validate_config
+from siglip.train.guard import (
+    DivergenceGuard,
+    TrainingDiverged,
+    agree_on_update,
+    grad_clip_norm,
+    holds_non_finite,
+    non_finite_state_message,
+)
 from siglip.train.processes import Processes, start_processes
 from siglip.train.run_directory import RunDirectory, check_resumable
 from siglip.train.step import ContrastiveTowers, PairTransform, forward_backward, frozen_image_encoder
@@ -62,7 +76,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Run training as `config` says and write its outputs into config.out (see CONTRACT.md).
 
     Returns the final metrics: step, loss, logit_scale, logit_bias, the last evaluation ("zeroshot", "retrieval"),
-    bad samples skipped by kind, and wall_time_s.
+    bad samples skipped by kind, captions cut short, updates skipped, the world size, and wall_time_s.
+
+    Raises:
+        TrainingDiverged: `max_consecutive_skips` updates in a row had a non-finite loss or gradient norm; its
+            message (printed on stderr by rank 0) names the step and the newest checkpoint.
     """
     started = time.perf_counter()
     processes = start_processes(config.device)
@@ -98,8 +116,9 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
     optimizer, scheduler = build_optimizer(
         model, lr=config.lr, weight_decay=config.weight_decay, beta1=config.beta1, beta2=config.beta2,
         logit_lr_multiplier=config.logit_lr_multiplier, warmup_steps=config.warmup_steps,
-        total_steps=config.steps, min_lr_ratio=config.min_lr_ratio,
+        total_steps=config.steps, min_lr_ratio=config.min_lr_ratio, weight_decay_mode=config.weight_decay_mode,
     )
+    guard = DivergenceGuard(config.max_consecutive_skips)
     step, samples_seen, trained_seconds = 0, 0, 0.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint.model_state)
@@ -109,6 +128,8 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
         samples_seen = int(checkpoint.state.get("samples_seen", 0))
         trained_seconds = float(checkpoint.state.get("trained_seconds", 0.0))
         run.bad_base.update(checkpoint.state.get("bad_samples", {}))
+        run.truncated_base = int(checkpoint.state.get("truncated_captions", 0))
+        guard.load_state(checkpoint.state)
         rank_rng = checkpoint.rng_states[processes.rank] if processes.rank < len(checkpoint.rng_states) else None
         if rank_rng is not None:
             ckpt.restore_rng_state(rank_rng)
@@ -116,6 +137,12 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
             _seed_everything(config.seed * 1000 + processes.rank + step)
         if processes.is_main:
             print(f"siglip train: resumed from {checkpoint.path} (step {step} of {config.steps})", flush=True)
+            saved_world = int(checkpoint.state.get("world_size", processes.world_size))
+            if saved_world != processes.world_size:
+                print(f"siglip train: the checkpoint was written by {saved_world} processes, this run has "
+                      f"{processes.world_size}: the data order, the schedule and the global batch continue as they "
+                      "were; the result equals an uninterrupted run's up to rounding (and, with dropout, other "
+                      "random draws)", flush=True)
     del checkpoint
 
     run.open_logs(step)
@@ -137,8 +164,10 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
     loader = None
     transform = PairTransform(processor)
     cache = _image_feature_cache(config, source, transform, step, local_batch, processes)
-    encode_new_images = (frozen_image_encoder(model, processes.device, config.micro_batch, autocast_dtype)
-                         if cache is not None else None)
+    # Each cache fill runs the tower on groups of one fixed size, so that a cached embedding does not depend on the
+    # batch the image first came in: a resumed run fills its cache at other steps than an uninterrupted one.
+    encode_new_images = (frozen_image_encoder(model, processes.device, config.micro_batch or local_batch,
+                                              autocast_dtype) if cache is not None else None)
     if step < config.steps:
         loader = iter(make_train_loader(
             source, transform=transform, local_batch=local_batch, rank=processes.rank,
@@ -166,36 +195,51 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
             loss = forward_backward(towers, pixel_values, input_ids, positive_ids, loss=config.loss,
                                     group=processes.group, micro_batch=config.micro_batch,
                                     autocast_dtype=autocast_dtype, image_features=image_features)
-            grad_norm = (nn.utils.clip_grad_norm_(trainable, config.grad_clip) if config.grad_clip > 0 else None)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip_norm(config.grad_clip))
+            # One all-reduce: every rank skips the same updates (and `loss` becomes the mean over ranks).
+            finite, loss = agree_on_update(loss, grad_norm, processes.world_size)
+            if finite:
+                optimizer.step()
+            guard.record(finite)
+            with warnings.catch_warnings():
+                # A skipped first update moves the schedule on before the optimiser ever stepped, as meant.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+                scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             samples_seen += config.batch_size
             window_steps += 1
             run.bad_local.update(batch.bad)
+            if "caption_truncated" in batch.tensors:
+                run.truncated_local += int(batch.tensors["caption_truncated"].sum())
             trained_seconds += time.perf_counter() - step_start
             bar.update(1)
 
-            evaluate_now = config.evaluation and (
+            evaluate_now = config.evaluation and not guard.diverged and (
                 step == config.steps or (config.eval_every > 0 and step % config.eval_every == 0))
-            if step % config.log_every == 0 or step == config.steps or evaluate_now:
-                if processes.world_size > 1:
-                    dist.all_reduce(loss)
-                    loss /= processes.world_size
+            if step % config.log_every == 0 or step == config.steps or evaluate_now or not finite:
                 elapsed = time.perf_counter() - window_start
+                bad, truncated = run.totals()
                 row = train_row(model, step, loss, lr, grad_norm, window_steps * config.batch_size / elapsed,
-                                 samples_seen, run.bad_totals())
+                                samples_seen, bad, truncated, guard.skipped)
                 if evaluate_now:
                     last_eval = evaluate_held_out(model, processor, held_out, config, processes)
                     row.update(flatten_eval(last_eval))
                     _set_train_mode(model, config.lock_image)
                 run.log(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", t=f"{row['logit_scale']:.2f}",
-                                b=f"{row['logit_bias']:.2f}", samples_s=f"{row['samples_per_s']:.0f}")
+                bar.set_postfix(loss="skipped" if row["loss"] is None else f"{row['loss']:.4f}",
+                                t=f"{row['logit_scale']:.2f}", b=f"{row['logit_bias']:.2f}",
+                                samples_s=f"{row['samples_per_s']:.0f}")
                 window_start, window_steps = time.perf_counter(), 0
-            if step == config.steps or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0):
-                run.save(model, optimizer, scheduler, step, samples_seen, trained_seconds)
+            if guard.diverged:
+                _stop(guard.message(step, ckpt.latest_checkpoint(run.checkpoints)), processes, bar)
+            # While updates are being skipped a checkpoint would hold nothing new, and pruning the old ones could
+            # drop the last checkpoint from before the trouble: wait for a good update (or the end).
+            if step == config.steps or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0
+                                        and guard.consecutive == 0):
+                if holds_non_finite(model, optimizer):
+                    _stop(non_finite_state_message(step), processes, bar)
+                run.save(model, optimizer, scheduler, step, samples_seen, trained_seconds, guard.state())
     finally:
         bar.close()
         del loader
@@ -206,13 +250,17 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
             last_eval = evaluate_held_out(model, processor, held_out, config, processes)
         scale, bias = scale_and_bias_values(model)
         row = {"step": step, "logit_scale": scale, "logit_bias": bias}
-    bad = dict(run.bad_totals())
+    from siglip.tokenizer import text_length
+
+    bad, truncated = run.totals()
     result: dict[str, Any] = {}
     if processes.is_main:
         ckpt.export_final(model, processor, run.out / "final")
         result = {
             "step": step, "loss": row.get("loss"), "logit_scale": row["logit_scale"],
-            "logit_bias": row["logit_bias"], **last_eval, "bad_samples": bad,
+            "logit_bias": row["logit_bias"], **last_eval, "bad_samples": dict(bad),
+            "truncated_captions": truncated, "text_length": text_length(processor.tokenizer),
+            "skipped_updates": guard.skipped, "world_size": processes.world_size, "batch_size": config.batch_size,
             "trained_seconds": trained_seconds, "wall_time_s": time.perf_counter() - started,
         }
         if config.plots:
@@ -304,6 +352,16 @@ def _image_feature_cache(config: TrainConfig, source: Any, transform: PairTransf
     return ImageFeatureCache(capacity)
 
 
+def _stop(message: str, processes: Processes, bar: Any) -> None:
+    """End a run that diverged: the one-line reason on stderr (rank 0) after the progress bar, then every rank
+    raises TrainingDiverged together (the barrier: under torchrun no rank exits before rank 0 has spoken)."""
+    bar.close()
+    if processes.is_main:
+        print(f"siglip train: {message}", file=sys.stderr, flush=True)
+    processes.barrier()
+    raise TrainingDiverged(message)
+
+
 def _set_train_mode(model: nn.Module, lock_image: bool) -> None:
     model.train()
     if lock_image:
@@ -319,14 +377,33 @@ def _seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------------------------------------ command line
 
 
+HELP_EXAMPLES = """\
+examples:
+  siglip train --config configs/demo.yaml --out runs/demo          # the demo: tiny model, shapes, CPU
+  siglip train --init runs/demo/final --data mydata/train.csv --lock-image --steps 30 --lr 1e-4 \\
+      --warmup-steps 3 --out runs/finetune                         # fine-tune a checkpoint (docs/finetune.md)
+  torchrun --nproc-per-node 2 -m siglip train --config configs/demo.yaml --out runs/demo2   # 2 processes
+
+Every flag is a field of TrainConfig (src/siglip/train/config.py), also accepted in a --config YAML file; flags
+override the file. docs/data.md describes the data sources, docs/finetune.md fine-tuning and its flags,
+docs/distributed.md torchrun. Exit status: 0 done, 2 bad input, 3 the run diverged and was stopped.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field (--batch-size for batch_size, ...) plus --config FILE.yaml
-    (siglip.train.config)."""
+    (siglip.train.config); a short usage line and examples come first in --help."""
+    parser.usage = "siglip train [--config FILE.yaml] [--data SOURCE] [--model PRESET] [--out DIR] [--FLAG VALUE ...]"
+    parser.description = f"{parser.description or 'train a SigLIP (or CLIP) model'}\n\n{HELP_EXAMPLES}"
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_config_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = {name: getattr(args, name, None) for name in config_fields()}
     config = load_config(args.config, overrides)
-    train(config)
+    try:
+        train(config)
+    except TrainingDiverged:
+        return 3            # the one-line reason is already on stderr (rank 0 printed it as the run stopped)
     return 0

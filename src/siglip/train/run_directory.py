@@ -28,7 +28,8 @@ from siglip.train.processes import Processes
 
 
 class RunDirectory:
-    """The --out directory of one run as one process sees it: checkpoints, metrics, TensorBoard, bad-sample counts."""
+    """The --out directory of one run as one process sees it: checkpoints, metrics, TensorBoard, and the counts of
+    bad samples and of captions cut short."""
 
     def __init__(self, config: TrainConfig, processes: Processes):
         self.config = config
@@ -38,6 +39,8 @@ class RunDirectory:
         self.metrics_path = self.out / "metrics.jsonl"
         self.bad_base: Counter[str] = Counter()       # bad samples counted before this process started (global)
         self.bad_local: Counter[str] = Counter()      # bad samples this process met since it started (this rank)
+        self.truncated_base = 0                       # captions cut short before this process started (global)
+        self.truncated_local = 0                      # captions cut short in this process's batches (this rank)
         self.rows: list[dict[str, Any]] = []
         self.writer = None
 
@@ -97,23 +100,29 @@ class RunDirectory:
                 self.writer.add_scalar(key if "/" in key else f"train/{key}", value, row["step"])
         self.writer.flush()
 
-    def bad_totals(self) -> Counter[str]:
-        """Bad samples skipped by kind, over all ranks and restarts (a collective: every rank must call it)."""
-        totals = Counter(self.bad_base) if self.processes.is_main else Counter()
+    def totals(self) -> tuple[Counter[str], int]:
+        """Bad samples skipped by kind, and captions cut short, over all ranks and restarts (a collective: every
+        rank must call it; the restored counts of earlier processes are added on rank 0 only)."""
+        main = self.processes.is_main
+        bad, truncated = (Counter(self.bad_base), self.truncated_base) if main else (Counter(), 0)
+        local = {"bad": dict(self.bad_local), "truncated": self.truncated_local}
+        gathered: list[Any] = [local]
         if self.processes.world_size > 1:
-            gathered: list[Any] = [None] * self.processes.world_size
-            dist.all_gather_object(gathered, dict(self.bad_local))
-            for counts in gathered:
-                totals.update(counts)
-        else:
-            totals.update(self.bad_local)
-        return totals
+            gathered = [None] * self.processes.world_size
+            dist.all_gather_object(gathered, local)
+        for counts in gathered:
+            bad.update(counts["bad"])
+            truncated += counts["truncated"]
+        return bad, truncated
 
     # ---- checkpoints
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, samples_seen: int,
-             trained_seconds: float) -> None:
-        """Checkpoint on rank 0, with every rank's RNG states gathered to it (a collective)."""
+             trained_seconds: float, guard_state: dict[str, int]) -> None:
+        """Checkpoint on rank 0, with every rank's RNG states gathered to it (a collective).
+
+        guard_state: the divergence guard's counts (siglip.train.guard.DivergenceGuard.state).
+        """
         processes = self.processes
         rng = ckpt.capture_rng_state()
         if processes.world_size > 1:
@@ -121,13 +130,14 @@ class RunDirectory:
             dist.gather_object(rng, gathered, dst=0)
         else:
             gathered = [rng]
-        bad = self.bad_totals()
+        bad, truncated = self.totals()
         if processes.is_main:
             ckpt.save_checkpoint(
                 self.checkpoints, step, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(), rng_states=gathered,
                 state={"config": asdict(self.config), "samples_seen": samples_seen, "trained_seconds": trained_seconds,
-                       "bad_samples": dict(bad), "world_size": processes.world_size,
+                       "bad_samples": dict(bad), "truncated_captions": truncated, **guard_state,
+                       "world_size": processes.world_size,
                        "data": {"source": self.config.data, "seed": self.config.seed, "next_step": step}},
                 keep=self.config.keep_checkpoints,
             )

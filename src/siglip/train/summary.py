@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,19 @@ def scale_and_bias_values(model: nn.Module) -> tuple[float, float]:
     return float(scale.detach().reshape(())), float(bias.detach().reshape(()))
 
 
-def train_row(model: nn.Module, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor | None,
-               samples_per_s: float, samples_seen: int, bad: Counter[str]) -> dict[str, Any]:
+def train_row(model: nn.Module, step: int, loss: torch.Tensor, lr: float, grad_norm: torch.Tensor,
+              samples_per_s: float, samples_seen: int, bad: Counter[str], truncated: int,
+              skipped_updates: int) -> dict[str, Any]:
+    """One metrics.jsonl row. A non-finite loss or gradient norm (an update that was skipped) is written as null,
+    so that the file stays strict JSON; `update_skipped` marks that row."""
     scale, bias = scale_and_bias_values(model)
-    row = {"step": step, "loss": float(loss), "logit_scale": scale, "logit_bias": bias, "lr": lr,
-           "samples_per_s": samples_per_s, "samples_seen": samples_seen, "bad_samples": sum(bad.values())}
-    if grad_norm is not None:
-        row["grad_norm"] = float(grad_norm)
+    loss_value, norm = float(loss), float(grad_norm)
+    row = {"step": step, "loss": loss_value if math.isfinite(loss_value) else None, "logit_scale": scale,
+           "logit_bias": bias, "lr": lr, "samples_per_s": samples_per_s, "samples_seen": samples_seen,
+           "grad_norm": norm if math.isfinite(norm) else None, "bad_samples": sum(bad.values()),
+           "truncated_captions": truncated, "skipped_updates": skipped_updates}
+    if not (math.isfinite(loss_value) and math.isfinite(norm)):
+        row["update_skipped"] = True
     row.update({f"bad/{kind}": count for kind, count in sorted(bad.items())})
     return row
 
@@ -77,12 +84,31 @@ def flatten_eval(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+HELD_OUT_SOURCES = ("shapes", "digits")
+"""Sources with a held-out split of their own; a file source's "held-out split" is every sample of its files."""
+
+
+def evaluated_on(config: TrainConfig, images: int) -> str:
+    """What the summary's evaluation was scored on, said as it is."""
+    if config.data in HELD_OUT_SOURCES:
+        return f"held-out split, {images} images"
+    return (f"every sample of {config.data}, the training data itself, {images} images: a file source has no "
+            "held-out split; evaluate on another file with siglip eval")
+
+
 def summary_table(config: TrainConfig, result: dict[str, Any]) -> str:
-    """The end-of-run table: zero-shot accuracy per task against chance, retrieval R@1, t, b, bad samples, time."""
+    """The end-of-run table: zero-shot accuracy per task against chance, retrieval R@1, t, b, bad samples, captions
+    cut short, skipped updates, time. Under torchrun the first line names the processes and the per-rank batch."""
+    from siglip.train.captions import truncation_line
+
+    world_size = result.get("world_size", 1)
+    batch = f"batch {config.batch_size}"
+    if world_size > 1:
+        batch = f"global batch {config.batch_size} ({world_size} processes x {config.batch_size // world_size})"
     lines = [
         "",
-        f"siglip train: {config.init or config.model} on {config.data}, {result['step']} steps of batch "
-        f"{config.batch_size}, {config.loss} loss -> {Path(config.out) / 'final'}",
+        f"siglip train: {config.init or config.model} on {config.data}, {result['step']} steps of {batch}, "
+        f"{config.loss} loss -> {Path(config.out) / 'final'}",
     ]
     zeroshot = result.get("zeroshot")
     if zeroshot:
@@ -90,15 +116,22 @@ def summary_table(config: TrainConfig, result: dict[str, Any]) -> str:
         for name, per in zeroshot["per_task"].items():
             ratio = per["accuracy"] / per["chance"] if per["chance"] else float("nan")
             lines.append(f"  {name:<16}{per['accuracy']:>10.1%}{per['chance']:>10.1%}{ratio:>10.1f}")
-        lines.append(f"  (held-out split, {zeroshot['n']} images)")
+        lines.append(f"  ({evaluated_on(config, zeroshot['n'])})")
     retrieval = result.get("retrieval")
     if retrieval:
         lines.append(f"  retrieval R@1: image->text {retrieval['image_to_text_r1']:.1%}, "
                      f"text->image {retrieval['text_to_image_r1']:.1%} ({retrieval['n']} pairs)")
+        if not zeroshot:
+            lines.append(f"  ({evaluated_on(config, retrieval['n'])})")
     lines.append(f"  final t = {result['logit_scale']:.3g}, b = {result['logit_bias']:.3g}")
     bad = result.get("bad_samples") or {}
     skipped = ", ".join(f"{kind} {count}" for kind, count in sorted(bad.items())) if bad else "none"
     lines.append(f"  bad samples skipped: {skipped}")
+    if "truncated_captions" in result:
+        lines.append("  " + truncation_line(result["truncated_captions"], result["step"] * config.batch_size,
+                                            result.get("text_length", config.max_text_length), config.init is None))
+    if result.get("skipped_updates"):
+        lines.append(f"  updates skipped (non-finite loss or gradient norm): {result['skipped_updates']}")
     lines.append(f"  wall time {result['wall_time_s']:.1f} s (training steps {result['trained_seconds']:.1f} s)")
     return "\n".join(lines)
 
