@@ -152,7 +152,7 @@ def study(smoke: bool) -> Study:
         f"together at p = 0.25 each, the ends of the paper's x axes) against clean data, both losses from t = 10, "
         f"batch {batch}, {steps} steps: long enough for the clean arms to learn shape and count well above chance, "
         "so that a drop can show. Not run: text-only noise and image & text (they are part of 'all'), and the "
-        "smaller probabilities, to keep the 16 arms x 4 seeds within an hour on 2 cores; nor the paper's scale "
+        "smaller probabilities, to keep the 8 arms x 4 seeds within an hour on 2 cores; nor the paper's scale "
         "(3.6B examples at batch 16k)."
     )
     return Study(name="noise", title="Corrupted training pairs: sigmoid vs softmax", claim=CLAIM, paper=[PAPER],
