@@ -36,7 +36,7 @@ class TrainConfig:
     data: str = "shapes"
     """Training source: shapes, digits, a WebDataset shard pattern, or a .csv/.tsv/.jsonl file (docs/data.md)."""
     model: str = "tiny"
-    """Model preset of siglip.model.PRESETS (tiny, small, base)."""
+    """Model preset of siglip.model.PRESETS (tiny, small, base, naflex-tiny, naflex-base)."""
     loss: str = "sigmoid"
     """sigmoid (SigLIP, pairwise) or softmax (CLIP)."""
     batch_size: int = 256
@@ -114,6 +114,9 @@ class TrainConfig:
     web data equal captions are rare and it changes little. diagonal is the paper's labels."""
     image_size: int | None = None
     """Image side in pixels; None takes the preset's."""
+    max_num_patches: int | None = None
+    """NaFlex models: at most this many patches an image (the patch budget); None keeps an --init checkpoint's, or for
+    a NaFlex preset takes (--image-size / patch size)^2."""
     vocab_size: int = 1024
     """Tokenizer vocabulary, trained on the source's captions at the start of the run."""
     max_text_length: int = 16
@@ -279,6 +282,10 @@ def validate_config(config: TrainConfig, world_size: int = 1) -> None:
     need(config.log_every >= 1, f"--log-every must be at least 1, got {config.log_every}")
     need(config.vocab_size >= 16, f"--vocab-size must be at least 16, got {config.vocab_size}")
     need(config.max_text_length >= 2, f"--max-text-length must be at least 2, got {config.max_text_length}")
+    need(config.max_text_length <= 64, f"--max-text-length must be at most 64 (the text position table that "
+                                       f"transformers' zero-shot pipeline pads to), got {config.max_text_length}")
+    need(config.max_num_patches is None or config.max_num_patches >= 1,
+         f"--max-num-patches must be a positive number of patches, got {config.max_num_patches}")
     need(config.tokenizer_captions >= 1, f"--tokenizer-captions must be positive, got {config.tokenizer_captions}")
     need(config.image_size is None or config.image_size >= 8, f"--image-size must be at least 8, "
                                                                f"got {config.image_size}")

@@ -290,7 +290,7 @@ def _model_processor_source(config: TrainConfig, run: RunDirectory) -> tuple[nn.
     processes = run.processes
     processor_dir = run.out / "processor"
     model = None
-    max_num_patches = getattr(config, "max_num_patches", None)       # a NaFlex model's patch budget, if given
+    max_num_patches = config.max_num_patches                           # a NaFlex model's patch budget, if given
     if config.init is not None:
         model, processor = load_model(config.init)
         if max_num_patches is not None:

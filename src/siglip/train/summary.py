@@ -67,6 +67,10 @@ class HeldOut:
             self._samples = self.source.test_samples()
         return self._samples
 
+    def iter_test_samples(self, skipped: Any = None) -> Any:
+        """The held-out split as cached (its bad samples were skipped, and logged, when it was first read)."""
+        return iter(self.test_samples())
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.source, name)
 
