@@ -124,10 +124,6 @@ class FiniteSource(Source):
     def train_sample(self, index: int) -> Sample:
         return self._read_record(self.record_of(index), index)
 
-    def _read_all(self, records, read) -> list[Sample]:
-        """read(record) for each record, skipping (and logging) bad ones unless the source is strict."""
-        return list(self._iter_all(records, read))
-
     def _iter_all(self, records: Iterable[int], read, skipped: Counter[str] | None = None) -> Iterator:
         """read(record) for each record, one at a time; a bad one is skipped (logged, counted by kind into
         `skipped`) unless the source is strict."""

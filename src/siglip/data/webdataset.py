@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import tarfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from webdataset.shardlists import expand_urls
@@ -146,7 +148,11 @@ class WebDatasetSource(FiniteSource):
 
     def test_samples(self) -> list[Sample]:
         """Every sample of the shards, in shard order (a WebDataset source is one split); bad ones skipped."""
-        return self._read_all(range(len(self.records)), self._read_record)
+        return list(self.iter_test_samples())
+
+    def iter_test_samples(self, skipped: Counter[str] | None = None) -> Iterator[Sample]:
+        """The same samples decoded one at a time (evaluation streams them); bad ones counted into `skipped`."""
+        yield from self._iter_all(range(len(self.records)), self._read_record, skipped)
 
     def caption_corpus(self, count: int) -> list[str]:
         captions = []
