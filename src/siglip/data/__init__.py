@@ -23,7 +23,8 @@ SPLITS = ("train", "test")
 def open_source(spec: str, *, split: str = "train", seed: int = 0, strict: bool = False,
                 classes_file: str | None = None, templates_file: str | None = None, image_size: int | None = None,
                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, image_column: str | None = None,
-                caption_column: str | None = None, label_column: str | None = None) -> Source:
+                caption_column: str | None = None, label_column: str | None = None,
+                with_regions: bool = False) -> Source:
     """Open a data source by name or path.
 
     spec: "shapes", "digits", a WebDataset shard path, brace pattern or folder of .tar files, a .csv/.tsv/.jsonl
@@ -38,6 +39,8 @@ def open_source(spec: str, *, split: str = "train", seed: int = 0, strict: bool 
         is decoded at (a speed-up: the processor resizes anyway).
     max_image_pixels: images with more pixels are refused as decompression bombs (BadSample "too_many_pixels").
     image_column, caption_column, label_column: a table's column names when they are not the usual ones.
+    with_regions: shapes samples carry their objects' regions (Sample.regions), for the SigLIP 2 recipe and the
+        dense evaluation; other sources know none and ignore it.
     """
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}")
@@ -45,7 +48,8 @@ def open_source(spec: str, *, split: str = "train", seed: int = 0, strict: bool 
         if spec == "shapes":
             from siglip.data.shapes import ShapesSource
 
-            source: Source = ShapesSource(seed=seed, image_size=image_size or 64, split=split)
+            source: Source = ShapesSource(seed=seed, image_size=image_size or 64, split=split,
+                                          with_regions=with_regions)
         else:
             from siglip.data.digits import DigitsSource
 
