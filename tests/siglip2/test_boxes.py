@@ -1,4 +1,5 @@
-"""Box tokens round-trip within half a bin; the three LocCa target sequences are laid out and scored as stated."""
+"""Box tokens round-trip within half a bin; the three LocCa target sequences are laid out and scored as stated; a
+sample's targets (all tasks, as SigLIP 2 trains) stack into rows by task."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from siglip.siglip2.boxes import (
     refer_prompt,
     refer_target,
     sample_target,
+    sample_targets,
+    stack_targets,
 )
 
 
@@ -134,3 +137,64 @@ def test_padding_fills_the_right_and_is_never_scored():
         assert tokens[row, :kept].tolist() == list(target.tokens[:kept])
         assert scored[row, :kept].tolist() == list(target.scored[:kept])
         assert (tokens[row, kept:] == vocab.pad_id).all() and not scored[row, kept:].any()
+
+
+def test_every_task_of_a_sample_in_task_order_and_the_caption_alone_without_regions():
+    vocab = DecoderVocabulary(text_size=128, bins=64)
+    encode = lambda text: [3 + ord(letter) % 100 for letter in text] + [vocab.eos_id]  # noqa: E731
+    width, height = random.randint(16, 100), random.randint(16, 100)
+    regions = [Region(box=(random.uniform(0, width / 2), random.uniform(0, height / 2), width - 1.0, height - 1.0),
+                      phrase=f"object {k}", labels={}, coverage=None) for k in range(random.randint(1, 3))]
+    for without in (None, []):
+        assert sample_targets(vocab, "a caption", without, (width, height), encode, random.Random(0)) == \
+            [caption_target(vocab, encode("a caption"))]
+    seed = random.randrange(10**6)
+    targets = sample_targets(vocab, "a caption", regions, (width, height), encode, random.Random(seed))
+    assert [target.task for target in targets] == list(TASKS)
+    # The two box tasks each draw their region from the rng, in that order.
+    rng = random.Random(seed)
+    refer_region, ground_region = rng.choice(regions), rng.choice(regions)
+    assert targets[1] == refer_target(vocab, encode(refer_region.phrase),
+                                      normalise_box(refer_region.box, width, height))
+    assert targets[2] == ground_target(vocab, normalise_box(ground_region.box, width, height),
+                                       encode(ground_region.phrase))
+    assert targets == sample_targets(vocab, "a caption", regions, (width, height), encode, random.Random(seed))
+
+
+def test_stacked_targets_sit_in_their_tasks_row_and_missing_tasks_are_never_scored():
+    vocab = DecoderVocabulary(text_size=100, bins=32)
+    box = random_box()
+    with_regions = [caption_target(vocab, random_ids(vocab, 5)), refer_target(vocab, random_ids(vocab, 3), box),
+                    ground_target(vocab, box, random_ids(vocab, 4))]
+    caption_only = [caption_target(vocab, random_ids(vocab, 7))]
+    length = random.randint(9, 14)
+    tokens, scored = stack_targets([with_regions, caption_only, []], length, vocab.pad_id)
+    assert tokens.shape == scored.shape == (3, len(TASKS), length)
+    want_tokens, want_scored = pad_targets(with_regions, length, vocab.pad_id)
+    assert torch.equal(tokens[0], want_tokens) and torch.equal(scored[0], want_scored)
+    caption_row = TASKS.index(CAPTION)
+    assert torch.equal(tokens[1, caption_row], pad_targets(caption_only, length)[0][0])
+    others = [row for row in range(len(TASKS)) if row != caption_row]
+    assert (tokens[1, others] == vocab.pad_id).all() and not scored[1, others].any()
+    assert (tokens[2] == vocab.pad_id).all() and not scored[2].any()
+
+
+def test_the_text_encoder_ends_in_the_end_token_and_the_longest_target_fits():
+    from siglip.siglip2.boxes import TextEncoder, longest_target
+    from siglip.tokenizer import train_tokenizer
+
+    captions = [" ".join(random.choice(["red", "blue", "circle", "star", "left", "of"]) for _ in range(8))
+                for _ in range(200)]
+    tokenizer = train_tokenizer(captions, vocab_size=64, max_length=16)
+    length = random.randint(3, 8)
+    encode = TextEncoder(tokenizer, length)
+    vocab = DecoderVocabulary(text_size=len(tokenizer), bins=16, pad_id=tokenizer.pad_token_id,
+                              eos_id=tokenizer.eos_token_id)
+    for caption in captions[:20]:
+        ids = encode(caption)
+        assert 1 <= len(ids) <= length and ids[-1] == tokenizer.eos_token_id
+        whole = tokenizer(caption, padding=False)["input_ids"]
+        assert ids[:-1] == whole[:len(ids) - 1]                    # a prefix of the whole caption's ids
+        assert len(refer_target(vocab, ids, random_box()).tokens) <= longest_target(length)
+        assert len(ground_target(vocab, random_box(), ids).tokens) <= longest_target(length)
+        assert len(caption_target(vocab, ids).tokens) <= longest_target(length)

@@ -1,4 +1,5 @@
-"""The LocCa decoder: its loss is the literal shifted cross-entropy, it is causal, and it can memorise a batch."""
+"""The LocCa decoder: its loss is the literal shifted cross-entropy (several targets per image: their mean), it is
+causal, it can memorise a batch, and the paper's shapes follow the text tower."""
 
 from __future__ import annotations
 
@@ -126,3 +127,35 @@ def test_the_loss_is_float32_under_autocast():
     assert got.dtype == torch.float32
     # bfloat16 logits of a random decoder (order 1) are off by about 1%; the loss, about log(40) = 3.7, by less
     torch.testing.assert_close(got, want, rtol=0.02, atol=0)
+
+
+def test_several_targets_per_image_average_the_targets_that_count():
+    vocab_size, n, per_image, length = random.randint(20, 80), random.randint(2, 5), 3, random.randint(4, 10)
+    decoder = tiny_decoder(vocab_size)
+    patches = torch.randn(n, 5, 24, dtype=torch.float64)
+    tokens, scored = random_batch(n * per_image, length, vocab_size)
+    tokens[0, 1:] = 0                                       # a target with nothing to score: left out of the mean
+    tokens, scored = tokens.reshape(n, per_image, length), scored.reshape(n, per_image, length)
+    got = decoder.sample_losses(patches, tokens, scored)
+    for image in range(n):
+        counted = []
+        for k in range(per_image):
+            logits = decoder.logits(patches[image:image + 1], tokens[image, k:k + 1, :-1])
+            has = any(tokens[image, k, t + 1] != 0 and scored[image, k, t + 1] for t in range(length - 1))
+            if has:
+                counted.append(reference_loss(logits, tokens[image, k:k + 1], scored[image, k:k + 1]))
+        want = torch.stack(counted).mean() if counted else torch.zeros((), dtype=torch.float64)
+        torch.testing.assert_close(got[image], want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_papers_decoder_has_the_text_towers_shapes_and_half_its_layers():
+    from transformers import SiglipTextConfig
+
+    from siglip.siglip2.decoder import paper_decoder_config
+
+    layers = random.randint(1, 12)
+    text = SiglipTextConfig(hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=layers)
+    vocab = DecoderVocabulary(text_size=50, bins=8)
+    config = paper_decoder_config(vocab, text, vision_width=40, max_length=22)
+    assert (config.width, config.heads, config.mlp, config.layers) == (64, 4, 96, max(1, layers // 2))
+    assert (config.vocab_size, config.vision_width, config.max_length, config.pad_id) == (vocab.size, 40, 22, 0)

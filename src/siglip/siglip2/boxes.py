@@ -101,6 +101,32 @@ def normalise_box(box: Box, width: int, height: int) -> Box:
     return (x0 / width, y0 / height, x1 / width, y1 / height)
 
 
+def longest_target(text_length: int) -> int:
+    """Tokens of the longest target over texts of at most `text_length` tokens (</s> included):
+    <refer> phrase x0 y0 x1 y1 </s> is the text and 6 more."""
+    return text_length + 6
+
+
+def tokenizer_vocabulary(tokenizer, bins: int = 256) -> DecoderVocabulary:
+    """The decoder vocabulary over a text tokenizer: its size, its <pad> and </s> ids."""
+    return DecoderVocabulary(text_size=len(tokenizer), bins=bins, pad_id=tokenizer.pad_token_id,
+                             eos_id=tokenizer.eos_token_id)
+
+
+class TextEncoder:
+    """text -> the tokenizer's ids, cut to `length` tokens and ending in </s> (picklable: it runs in DataLoader
+    workers). Ours end every text in </s> already; a tokenizer without that template (Gemma's) gets one added."""
+
+    def __init__(self, tokenizer, length: int):
+        self.tokenizer, self.length, self.eos_id = tokenizer, length, tokenizer.eos_token_id
+
+    def __call__(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, truncation=True, max_length=self.length, padding=False)["input_ids"])
+        if not ids or ids[-1] != self.eos_id:
+            ids = ids[:self.length - 1] + [self.eos_id]
+        return ids
+
+
 @dataclass(frozen=True)
 class DecoderTarget:
     """One target sequence: its tokens (the task token first) and which of them the loss scores."""
@@ -171,6 +197,43 @@ def sample_target(
     if task == REFER:
         return refer_target(vocab, encode(region.phrase), box)
     return ground_target(vocab, box, encode(region.phrase))
+
+
+def sample_targets(
+    vocab: DecoderVocabulary,
+    caption: str,
+    regions: Sequence[Region] | None,
+    image_size: tuple[int, int],
+    encode: Callable[[str], Sequence[int]],
+    rng: random.Random,
+) -> list[DecoderTarget]:
+    """All of one sample's decoder targets, in TASKS order, as SigLIP 2 trains its decoder ("for each example, the
+    decoder is trained to predict all three targets", sec. 2.2): the caption, and with regions a referring
+    expression and a grounded caption, each of a region drawn uniformly (two draws). Without regions: the caption.
+
+    Arguments as for `sample_target`.
+    """
+    targets = [caption_target(vocab, encode(caption))]
+    if regions:
+        refer_region, ground_region = rng.choice(list(regions)), rng.choice(list(regions))
+        targets.append(refer_target(vocab, encode(refer_region.phrase), normalise_box(refer_region.box, *image_size)))
+        targets.append(ground_target(vocab, normalise_box(ground_region.box, *image_size),
+                                     encode(ground_region.phrase)))
+    return targets
+
+
+def stack_targets(per_sample: Sequence[Sequence[DecoderTarget]], length: int, pad_id: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's targets -> ((n, K, length) int64 tokens, (n, K, length) bool scored), K = len(TASKS): target
+    k of sample i sits in row [i, TASKS.index(task)]; a task a sample lacks is all padding, never scored."""
+    tokens = torch.full((len(per_sample), len(TASKS), length), pad_id, dtype=torch.int64)
+    scored = torch.zeros((len(per_sample), len(TASKS), length), dtype=torch.bool)
+    for row, targets in enumerate(per_sample):
+        if targets:
+            padded, mask = pad_targets(targets, length, pad_id)
+            where = [TASKS.index(target.task) for target in targets]
+            tokens[row, where], scored[row, where] = padded, mask
+    return tokens, scored
 
 
 def pad_targets(targets: Sequence[DecoderTarget], length: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

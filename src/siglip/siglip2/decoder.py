@@ -81,17 +81,40 @@ class LocCaDecoder(nn.Module):
                              f"got {tuple(scored.shape)}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        predicted = target_tokens[:, 1:]                                           # (n, T - 1)
+        per_example, _ = self.target_losses(self.memory_projection(patch_tokens), target_tokens, scored)
+        return per_example.mean() if reduction == "mean" else per_example.sum()
+
+    def sample_losses(self, patch_tokens: torch.Tensor, target_tokens: torch.Tensor,
+                      scored: torch.Tensor | None = None) -> torch.Tensor:
+        """Several targets per image: (n, P, D) patch tokens and (n, K, T) targets (`boxes.stack_targets`) -> (n,)
+        each image's mean over its targets that hold a counted prediction of their teacher-forced loss (each the
+        mean over its counted predictions, as in `loss`); 0 for an image without any. The memory is projected once
+        per image, not once per target."""
+        if target_tokens.dim() != 3 or target_tokens.shape[0] != patch_tokens.shape[0]:
+            raise ValueError(f"target_tokens must be (n, K, T) with n = {patch_tokens.shape[0]}, got "
+                             f"{tuple(target_tokens.shape)}")
+        n, per_image, length = target_tokens.shape
+        memory = self.memory_projection(patch_tokens).repeat_interleave(per_image, dim=0)   # (n K, P, w)
+        flat_scored = None if scored is None else scored.reshape(n * per_image, length)
+        losses, present = self.target_losses(memory, target_tokens.reshape(n * per_image, length), flat_scored)
+        losses, present = losses.reshape(n, per_image), present.reshape(n, per_image).to(losses.dtype)
+        return (losses * present).sum(dim=1) / present.sum(dim=1).clamp(min=1.0)
+
+    def target_losses(self, memory: torch.Tensor, target_tokens: torch.Tensor, scored: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, P, w) projected memory and (m, T) targets -> ((m,) mean loss over each target's counted predictions,
+        0 without any; (m,) bool: whether it has a counted prediction)."""
+        predicted = target_tokens[:, 1:]                                           # (m, T - 1)
         counted = predicted != self.config.pad_id
         if scored is not None:
             counted = counted & scored[:, 1:]
-        logits = self.logits(patch_tokens, target_tokens[:, :-1])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))          # (n, T - 1, V)
+        logits = self._logits(memory, target_tokens[:, :-1])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))          # (m, T - 1, V)
         # -log softmax(logits)[target] at every position, in float32 whatever the towers' autocast dtype
         token_losses = F.cross_entropy(logits.transpose(1, 2), predicted, reduction="none")
         weights = counted.to(token_losses.dtype)
-        per_example = (token_losses * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        return per_example.mean() if reduction == "mean" else per_example.sum()
+        counts = weights.sum(dim=1)
+        return (token_losses * weights).sum(dim=1) / counts.clamp(min=1.0), counts > 0
 
     @torch.no_grad()
     def generate(self, patch_tokens: torch.Tensor, prompt: torch.Tensor, steps: int,
@@ -145,3 +168,16 @@ def predict_boxes(decoder: LocCaDecoder, vocab: DecoderVocabulary, patch_tokens:
         for row, box_tokens in zip(rows, tokens.tolist(), strict=True):
             boxes[row] = torch.tensor(vocab.box_from_tokens(box_tokens), dtype=torch.float64)
     return boxes
+
+
+def paper_decoder_config(vocab: DecoderVocabulary, text_config, vision_width: int, max_length: int) -> DecoderConfig:
+    """The decoder SigLIP 2 attaches (sec. 2.2): "the shapes of the text encoder except that we add cross-attention
+    layers and reduce the number of layers by a factor of two" (at least one layer).
+
+    text_config: the SigLIP text tower's config (hidden_size, num_attention_heads, intermediate_size,
+    num_hidden_layers); max_length: the longest target sequence, task token included.
+    """
+    return DecoderConfig(vocab_size=vocab.size, vision_width=vision_width, width=int(text_config.hidden_size),
+                         layers=max(1, int(text_config.num_hidden_layers) // 2),
+                         heads=int(text_config.num_attention_heads), mlp=int(text_config.intermediate_size),
+                         max_length=max_length, pad_id=vocab.pad_id)

@@ -14,8 +14,12 @@ head output, centred and sharpened, is a target distribution, and the student's 
     p_t = softmax((g_t(x) - c) / tau_t),    loss = -sum_k p_t[k] log softmax(g_s(x') / tau_s)[k],
 
 once for the pooled embedding (x' a local crop) and once per masked patch (x' the masked image). The paper weighs
-the two terms 1 and 0.25 (and both again by 0.25 at B size). At switch-on the teacher is the student's copy and
-the heads and the mask token start fresh.
+the two terms 1 and 0.25, and both again by 0.25 at B size (0.5 L, 1.0 So400m, 0.5 g); it uses "a single global
+(teacher) view and 8 local (student) views"; at switch-on (80% of training) the teacher is the student's copy and
+"the remaining additional parameters (heads, mask token and corresponding optimizer parameters)" start fresh (sec.
+2.3, checked against the paper's text). For the rest the paper defers to SILC ("otherwise follow the augmentations,
+loss and hyper parameters from [45]"); the temperatures and centring below are DINO's, on which SILC builds, and
+not figures the SigLIP 2 paper states.
 
 Exact under micro-batching and the ring: the teacher needs no gradients, so its targets are computed once per
 batch (`teacher_logits`, under no_grad, a micro-batch at a time) and held as constants; each sample's loss depends
@@ -121,6 +125,19 @@ class DistillationHeads(nn.Module):
         self.patch_head = ProjectionHead(vision_width, hidden=hidden, bottleneck=bottleneck,
                                          prototypes=patch_prototypes)
         self.mask_token = nn.Parameter(torch.randn(vision_width) * 0.02)
+
+
+def head_sizes(vision_width: int) -> dict[str, int]:
+    """Head sizes for a tower of width D: DINO's (MLP 2048, bottleneck 256, 65,536 prototypes; iBOT's 8,192 for
+    patches) as caps, scaled down with D below them (4 D, D / 2, 64 D, 8 D), so that the heads of the tiny tower
+    (D = 128: 512, 64, 8,192, 1,024) cost a fraction of the tower rather than many times it."""
+    return {"hidden": min(2048, 4 * vision_width), "bottleneck": min(256, max(8, vision_width // 2)),
+            "prototypes": min(65536, 64 * vision_width), "patch_prototypes": min(8192, 8 * vision_width)}
+
+
+def heads_for(vision_width: int) -> DistillationHeads:
+    """DistillationHeads of `head_sizes(vision_width)`."""
+    return DistillationHeads(vision_width, **head_sizes(vision_width))
 
 
 @torch.no_grad()
