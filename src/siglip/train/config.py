@@ -112,6 +112,27 @@ class TrainConfig:
     about 13 per row at batch 128). Measured by `siglip reproduce positives` (docs/experiments.md): +3.0 points of
     digits zero-shot accuracy with the softmax loss, within noise with the sigmoid loss, never measurably worse; on
     web data equal captions are rare and it changes little. diagonal is the paper's labels."""
+    decoder_weight: float = 0.0
+    """Weight of the SigLIP 2 recipe's LocCa decoder loss beside the contrastive loss (the paper's 1); 0 trains no
+    decoder.
+
+    The decoder reads the image tower's patch tokens and learns captioning and, on sources that know where their
+    objects are (shapes), referring expressions and grounded captioning (docs/experiments.md, siglip2). It is saved
+    in checkpoints and beside final/ in DIR/decoder; final/ stays a plain SigLIP model."""
+    siglip2_from: float | None = None
+    """Add SigLIP 2's self-distillation and masked prediction from this fraction of the run on (the paper's 0.8: the
+    last fifth); None never.
+
+    An EMA teacher of the image tower sees each whole image; the student matches it from 8 local crops and, with
+    half its patches masked, at the masked patches (siglip.siglip2.recipe)."""
+    ema_decay: float = 0.99
+    """Decay of the EMA teacher per update (its time constant is 1 / (1 - decay) updates).
+
+    0.99 follows the student over about 100 updates, a fifth of a 500-step stage; DINO's 0.996 (and up) suits runs of
+    hundreds of thousands of updates, where the teacher would barely move in a short run's last 20%."""
+    distillation_weight: float = 0.25
+    """Weight of the last stage's two losses, which enter as 1x and 0.25x it (consistency, masked prediction): the
+    paper's factor for B-size models, 0.25 (0.5 for L, 1 for So400m)."""
     image_size: int | None = None
     """Image side in pixels; None takes the preset's."""
     max_num_patches: int | None = None
@@ -290,6 +311,16 @@ def validate_config(config: TrainConfig, world_size: int = 1) -> None:
     need(config.image_size is None or config.image_size >= 8, f"--image-size must be at least 8, "
                                                                f"got {config.image_size}")
     need(not (config.resume and config.overwrite), "--resume and --overwrite contradict each other; choose one")
+    need(config.decoder_weight >= 0 and math.isfinite(config.decoder_weight),
+         f"--decoder-weight must be 0 (no decoder) or a positive number, got {config.decoder_weight}")
+    need(config.siglip2_from is None or 0 <= config.siglip2_from <= 1,
+         f"--siglip2-from must be a fraction of training in [0, 1] (0.8: the last 20%), got {config.siglip2_from}")
+    need(0 <= config.ema_decay <= 1, f"--ema-decay must lie in [0, 1], got {config.ema_decay}")
+    need(config.distillation_weight >= 0 and math.isfinite(config.distillation_weight),
+         f"--distillation-weight must be 0 or a positive number, got {config.distillation_weight}")
+    need(not (config.lock_image and (config.decoder_weight > 0 or config.siglip2_from is not None)),
+         "--decoder-weight and --siglip2-from train the image tower, which --lock-image freezes; drop --lock-image "
+         "(or the SigLIP 2 flags)")
     need(not config.cache_image_features or config.lock_image,
          "--cache-image-features needs --lock-image: only a frozen image tower gives an image the same embedding "
          "at every step; add --lock-image (SigLiT) or drop --cache-image-features")

@@ -56,6 +56,7 @@ from siglip.train.guard import (
     non_finite_state_message,
 )
 from siglip.train.processes import Processes, start_processes
+from siglip.train.recipe import Recipe, mean_over_ranks, recipe_enabled
 from siglip.train.run_directory import RunDirectory, check_resumable
 from siglip.train.step import ContrastiveTowers, PairTransform, forward_backward, frozen_image_encoder
 from siglip.train.summary import (
@@ -110,18 +111,21 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
         # The softmax is invariant to a shift of every logit: b receives no gradient, so it is not trained.
         model.logit_bias.requires_grad_(False)
     model.to(processes.device)
+    recipe = Recipe(config, model, processor, processes.device) if recipe_enabled(config) else None
+    trained = recipe.trained() if recipe is not None else model       # everything the optimiser updates
 
     from siglip.optim import build_optimizer
 
     optimizer, scheduler = build_optimizer(
-        model, lr=config.lr, weight_decay=config.weight_decay, beta1=config.beta1, beta2=config.beta2,
+        trained, lr=config.lr, weight_decay=config.weight_decay, beta1=config.beta1, beta2=config.beta2,
         logit_lr_multiplier=config.logit_lr_multiplier, warmup_steps=config.warmup_steps,
         total_steps=config.steps, min_lr_ratio=config.min_lr_ratio, weight_decay_mode=config.weight_decay_mode,
     )
     guard = DivergenceGuard(config.max_consecutive_skips)
     step, samples_seen, trained_seconds = 0, 0, 0.0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint.model_state)
+        model.load_state_dict(recipe.load_state(checkpoint.model_state) if recipe is not None
+                              else checkpoint.model_state)
         optimizer.load_state_dict(checkpoint.optimizer_state)
         scheduler.load_state_dict(checkpoint.scheduler_state)
         step = checkpoint.step
@@ -146,14 +150,16 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
     del checkpoint
 
     run.open_logs(step)
-    towers: nn.Module = ContrastiveTowers(model, lock_image=config.lock_image)
+    towers: nn.Module = recipe.towers() if recipe is not None else ContrastiveTowers(model, config.lock_image)
     if processes.world_size > 1:
+        # The recipe's heads take no part before the switch-on step: DDP must be told to expect unused parameters.
         towers = nn.parallel.DistributedDataParallel(
-            towers, device_ids=[processes.device.index] if processes.device.type == "cuda" else None
+            towers, device_ids=[processes.device.index] if processes.device.type == "cuda" else None,
+            find_unused_parameters=recipe is not None,
         )
     local_batch = config.batch_size // processes.world_size
     autocast_dtype = torch.bfloat16 if processes.device.type == "cuda" else None
-    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    trainable = [parameter for parameter in trained.parameters() if parameter.requires_grad]
 
     from tqdm.auto import tqdm
 
@@ -161,8 +167,9 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
                disable=not (processes.is_main and config.progress))
     last_eval: dict[str, Any] = {}
     row: dict[str, Any] = {}
+    terms: dict[str, float] = {}            # the last step's loss by part (the recipe's terms)
     loader = None
-    transform = PairTransform(processor)
+    transform = recipe.transform(processor) if recipe is not None else PairTransform(processor)
     cache = _image_feature_cache(config, source, transform, step, local_batch, processes)
     # Each cache fill runs the tower on groups of one fixed size, so that a cached embedding does not depend on the
     # batch the image first came in: a resumed run fills its cache at other steps than an uninterrupted one.
@@ -192,14 +199,20 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
             input_ids = batch.tensors["input_ids"].to(processes.device, non_blocking=True)
             positive_ids = batch.positive_ids.to(processes.device) if config.positives == "ids" else None
             lr = optimizer.param_groups[0]["lr"]
+            recipe_inputs = (recipe.inputs(step, batch.tensors, pixel_values, rank=processes.rank,
+                                           chunk=config.micro_batch, autocast_dtype=autocast_dtype,
+                                           group=processes.group) if recipe is not None else None)
             loss = forward_backward(towers, pixel_values, input_ids, positive_ids, loss=config.loss,
                                     group=processes.group, micro_batch=config.micro_batch,
-                                    autocast_dtype=autocast_dtype, image_features=image_features)
+                                    autocast_dtype=autocast_dtype, image_features=image_features,
+                                    recipe_inputs=recipe_inputs, terms=terms)
             grad_norm = nn.utils.clip_grad_norm_(trainable, grad_clip_norm(config.grad_clip))
             # One all-reduce: every rank skips the same updates (and `loss` becomes the mean over ranks).
             finite, loss = agree_on_update(loss, grad_norm, processes.world_size)
             if finite:
                 optimizer.step()
+            if recipe is not None:
+                recipe.after_update(step, finite)
             guard.record(finite)
             with warnings.catch_warnings():
                 # A skipped first update moves the schedule on before the optimiser ever stepped, as meant.
@@ -222,6 +235,9 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
                 bad, truncated = run.totals()
                 row = train_row(model, step, loss, lr, grad_norm, window_steps * config.batch_size / elapsed,
                                 samples_seen, bad, truncated, guard.skipped)
+                if recipe is not None:
+                    parts = mean_over_ranks(terms, processes.world_size, processes.device)
+                    row.update({f"loss/{name}": value for name, value in parts.items()})
                 if evaluate_now:
                     last_eval = evaluate_held_out(model, processor, held_out, config, processes)
                     row.update(flatten_eval(last_eval))
@@ -237,9 +253,10 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
             # drop the last checkpoint from before the trouble: wait for a good update (or the end).
             if step == config.steps or (config.checkpoint_every > 0 and step % config.checkpoint_every == 0
                                         and guard.consecutive == 0):
-                if holds_non_finite(model, optimizer):
+                if holds_non_finite(trained, optimizer):
                     _stop(non_finite_state_message(step), processes, bar)
-                run.save(model, optimizer, scheduler, step, samples_seen, trained_seconds, guard.state())
+                run.save(model, optimizer, scheduler, step, samples_seen, trained_seconds, guard.state(),
+                         extra_state=recipe.state_dict() if recipe is not None else None)
     finally:
         bar.close()
         del loader
@@ -256,6 +273,8 @@ def _train(config: TrainConfig, processes: Processes, started: float) -> dict[st
     result: dict[str, Any] = {}
     if processes.is_main:
         ckpt.export_final(model, processor, run.out / "final")
+        if recipe is not None:
+            recipe.export(run.out)
         result = {
             "step": step, "loss": row.get("loss"), "logit_scale": row["logit_scale"],
             "logit_bias": row["logit_bias"], **last_eval, "bad_samples": dict(bad),
@@ -301,7 +320,8 @@ def _model_processor_source(config: TrainConfig, run: RunDirectory) -> tuple[nn.
     else:
         image_size = config.image_size or PRESETS[config.model].image_size
     source = open_source(config.data, split="train", seed=config.seed, strict=config.strict,
-                         classes_file=config.classes, templates_file=config.templates, image_size=image_size)
+                         classes_file=config.classes, templates_file=config.templates, image_size=image_size,
+                         with_regions=config.decoder_weight > 0)
 
     if processes.is_main and not processor_dir.exists():
         if model is None:

@@ -4,6 +4,7 @@
     DIR/tensorboard/      the same rows for TensorBoard
     DIR/checkpoints/      resumable checkpoints (siglip.checkpoint), every rank's RNG state gathered to rank 0
     DIR/processor/        the run's tokenizer and image processor, saved once and read by every rank
+    DIR/decoder/          the SigLIP 2 recipe's decoder, beside final/ (siglip.siglip2.decoder_files)
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class RunDirectory:
     def prepare_directory(self) -> Path | None:
         """Create --out, refuse to mix runs, clear it for --overwrite; return the checkpoint to resume from."""
         config, out = self.config, self.out
-        previous = [name for name in ("checkpoints", "final", "metrics.jsonl", "processor") if (out / name).exists()]
+        previous = [name for name in ("checkpoints", "final", "metrics.jsonl", "processor", "decoder")
+                    if (out / name).exists()]
         if self.processes.is_main:
             if previous and not config.resume:
                 if not config.overwrite:
@@ -57,7 +59,7 @@ class RunDirectory:
                         f"--out {out} already holds a run ({', '.join(previous)}); pass --resume to continue it, "
                         "--overwrite to replace it, or choose another --out"
                     )
-                for name in ("checkpoints", "final", "processor", "tensorboard"):
+                for name in ("checkpoints", "final", "processor", "tensorboard", "decoder"):
                     shutil.rmtree(out / name, ignore_errors=True)
                 for name in ("metrics.jsonl", "summary.json", *PLOT_FILES):
                     with contextlib.suppress(FileNotFoundError):
@@ -118,10 +120,13 @@ class RunDirectory:
     # ---- checkpoints
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, step: int, samples_seen: int,
-             trained_seconds: float, guard_state: dict[str, int]) -> None:
+             trained_seconds: float, guard_state: dict[str, int],
+             extra_state: dict[str, torch.Tensor] | None = None) -> None:
         """Checkpoint on rank 0, with every rank's RNG states gathered to it (a collective).
 
         guard_state: the divergence guard's counts (siglip.train.guard.DivergenceGuard.state).
+        extra_state: tensors saved beside the model's in its state file, under names of their own (the SigLIP 2
+            recipe's "siglip2.*": siglip.train.recipe.Recipe.state_dict).
         """
         processes = self.processes
         rng = ckpt.capture_rng_state()
@@ -133,7 +138,8 @@ class RunDirectory:
         bad, truncated = self.totals()
         if processes.is_main:
             ckpt.save_checkpoint(
-                self.checkpoints, step, model_state=model.state_dict(), optimizer_state=optimizer.state_dict(),
+                self.checkpoints, step, model_state={**model.state_dict(), **(extra_state or {})},
+                optimizer_state=optimizer.state_dict(),
                 scheduler_state=scheduler.state_dict(), rng_states=gathered,
                 state={"config": asdict(self.config), "samples_seen": samples_seen, "trained_seconds": trained_seconds,
                        "bad_samples": dict(bad), "truncated_captions": truncated, **guard_state,

@@ -136,6 +136,8 @@ def forward_backward(
     micro_batch: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     image_features: torch.Tensor | None = None,
+    recipe_inputs: dict[str, torch.Tensor] | None = None,
+    terms: dict[str, float] | None = None,
 ) -> torch.Tensor:
     """Forward and backward of one step; gradients accumulate into the parameters' .grad. Returns the loss (0-d).
 
@@ -154,23 +156,49 @@ def forward_backward(
         autocast_dtype: run the towers under autocast to this dtype (bfloat16 on CUDA); the loss runs in float32.
         image_features: (n, d) embeddings of the locked image tower, looked up in the image-feature cache: the image
             tower is not run. They enter the loss as the tower's own output would (constants either way).
+        recipe_inputs: the SigLIP 2 recipe's per-image inputs ((n, ...) tensors, siglip.train.recipe), for towers
+            that return a fifth output, {term: its weighted sum over the images} (siglip.train.recipe.Siglip2Towers).
+            Each term is divided by n and added to the loss; a sum over images, it splits over micro-batches
+            exactly, each slice's added to the second pass's surrogate (the first pass computes no term).
+        terms: if given, filled with the loss's parts as floats: "contrastive", and each recipe term over n.
     """
     device_type = input_ids.device.type
     autocast = (torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     n = input_ids.shape[0]
 
-    def run_towers(part: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run_towers(part: slice, with_recipe: bool = False) -> tuple:
         images = None if pixel_values is None else pixel_values[part]
         cached = None if image_features is None else image_features[part]
+        if with_recipe and recipe_inputs is not None:
+            return towers(images, input_ids[part], cached, {name: value[part] for name, value in recipe_inputs.items()})
         return towers(images, input_ids[part], cached)
+
+    added: dict[str, torch.Tensor] = {}          # each recipe term summed over the images, detached
+
+    def with_terms(objective: torch.Tensor, outputs: tuple) -> torch.Tensor:
+        """`objective` plus the recipe's terms of a towers call over n (their values kept for `terms`)."""
+        if len(outputs) < 5 or not outputs[4]:
+            return objective
+        for name, value in outputs[4].items():
+            added[name] = added.get(name, 0.0) + value.detach().float()
+        return objective + sum(outputs[4].values()) / n
+
+    def report(contrastive: torch.Tensor) -> torch.Tensor:
+        total = contrastive.detach() + sum(added.values()) / n if added else contrastive.detach()
+        if terms is not None:
+            terms.clear()
+            terms["contrastive"] = float(contrastive.detach())
+            terms.update({name: float(value) / n for name, value in added.items()})
+        return total
 
     if micro_batch is None or micro_batch >= n:
         with autocast:
-            images, text_features, logit_scale, logit_bias = run_towers(slice(0, n))
+            outputs = run_towers(slice(0, n), with_recipe=True)
+        images, text_features, logit_scale, logit_bias = outputs[:4]
         value = contrastive_loss(loss, images, text_features, logit_scale, logit_bias, group, positive_ids)
-        value.backward()
-        return value.detach()
+        with_terms(value, outputs).backward()
+        return report(value)
 
     slices = [slice(start, min(start + micro_batch, n)) for start in range(0, n, micro_batch)]
     random_states, parts = [], []
@@ -195,9 +223,11 @@ def forward_backward(
         _restore_random_state(random_states[index], input_ids.device)       # the first pass's dropout masks
         # DDP all-reduces on the last backward only; the earlier ones accumulate locally.
         with (no_sync() if no_sync is not None and not last else contextlib.nullcontext()), autocast:
-            images, texts, scale, bias = run_towers(part)
-        # A surrogate whose gradient with respect to the parameters is J^T g for this slice's embeddings.
-        surrogate = (texts.float() * text_features.grad[part]).sum()
+            outputs = run_towers(part, with_recipe=True)
+        images, texts, scale, bias = outputs[:4]
+        # A surrogate whose gradient with respect to the parameters is J^T g for this slice's embeddings, plus the
+        # slice's recipe terms (their own parameter gradient: each image's term depends on that image alone).
+        surrogate = with_terms((texts.float() * text_features.grad[part]).sum(), outputs)
         if images.requires_grad:
             surrogate = surrogate + (images.float() * all_images.grad[part]).sum()
         if last:
@@ -206,7 +236,7 @@ def forward_backward(
             if bias.requires_grad and logit_bias.grad is not None:
                 surrogate = surrogate + (bias.float() * logit_bias.grad).sum()
         surrogate.backward()
-    return value.detach()
+    return report(value)
 
 
 def frozen_image_encoder(model: nn.Module, device: torch.device, chunk: int | None,
