@@ -168,8 +168,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="SOURCE", help="shapes, digits, WebDataset shards, a "
                         ".csv/.tsv/.jsonl file (rows that share an image: one image with several captions), or an "
                         "image folder (one sub-folder of images per class); its held-out split is evaluated")
-    parser.add_argument("--task", choices=TASKS, default="zeroshot", help="zero-shot classification (default) or "
-                        "image-text retrieval")
+    parser.add_argument("--task", choices=(*TASKS, "dense"), default="zeroshot", help="zero-shot classification "
+                        "(default), image-text retrieval, or dense (shapes): a linear probe on the patch tokens and "
+                        "the referring expressions of the decoder trained beside the model")
     parser.add_argument("--classes", metavar="FILE", help="class names, one a line, in label order (an image "
                         "folder: in sorted folder order)")
     parser.add_argument("--templates", metavar="FILE", help="prompt templates, one a line, with {} for the class")
@@ -202,14 +203,21 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model_dir)
     model.to(device)
     source = open_source(args.data, split="test", seed=args.seed, classes_file=args.classes,
-                         templates_file=args.templates, image_size=args.image_size or model_image_size(model))
+                         templates_file=args.templates, image_size=args.image_size or model_image_size(model),
+                         with_regions=args.task == "dense")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    result = evaluate(model, processor, source, args.task, batch_size=args.batch_size, device=device,
-                      progress=progress)
+    if args.task == "dense":
+        from siglip.siglip2.dense_eval import dense_table, evaluate_model_dir
+
+        result = evaluate_model_dir(args.model_dir, model, processor, source, batch_size=args.batch_size,
+                                    device=device)
+    else:
+        result = evaluate(model, processor, source, args.task, batch_size=args.batch_size, device=device,
+                          progress=progress)
     if args.json:
         print(json.dumps(result))
     else:
-        print(format_table(result, source.name))
+        print(dense_table(result, source.name) if args.task == "dense" else format_table(result, source.name))
     sys.stdout.flush()
     return 0
 
