@@ -70,14 +70,23 @@ def run(args: argparse.Namespace) -> int:
     report = build_report(study, results, outcomes, command=command, setup=setup)
     trial_loads = [trial.load_average for trials in results.values() for trial in trials]
     report.seconds = time.perf_counter() - started
+    report.cpu_seconds = cpu_seconds()
     report.load = (load_at_start, sum(trial_loads) / len(trial_loads), load_average())
-    report.results.update(seconds=round(report.seconds, 1), load_average=dict(zip(("start", "mean", "end"),
-                                                                                   report.load, strict=True)))
+    report.results.update(seconds=round(report.seconds, 1), cpu_seconds=round(report.cpu_seconds, 1),
+                          load_average=dict(zip(("start", "mean", "end"), report.load, strict=True)))
     path = write_report(report, out)
     for outcome in outcomes:
         print(f"{outcome.verdict:>15}: {outcome.comparison.claim}")
     print(f"wrote {path} ({report.seconds:.0f} s)")
     return 0
+
+
+def cpu_seconds() -> float:
+    """User plus system CPU time of this process and of its finished worker processes, in seconds."""
+    import resource
+
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(part.ru_utime + part.ru_stime for part in usage)
 
 
 def shared_setup(study, command: str, *, threads: int, workers: int) -> list[str]:

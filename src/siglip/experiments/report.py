@@ -81,6 +81,8 @@ class Report:
     smoke: bool = False
     seconds: float = 0.0
     """Wall-clock time of the whole study."""
+    cpu_seconds: float = math.nan
+    """CPU time (user and system) of the study's processes: what two idle cores would need about half of."""
     load: tuple[float, float, float] = (math.nan, math.nan, math.nan)
     """One-minute load average: at the start, the mean over the trials' ends, at the end."""
 
@@ -126,9 +128,10 @@ def render_markdown(report: Report) -> str:
                 lines += [f"![{plot.title}]({plot.filename})", ""]
     lines += ["## Setup", ""] + [f"- {line}" for line in report.setup]
     start, mean, end = report.load
-    lines += [f"- Machine: {machine_description()}; study wall time {report.seconds:.0f} s; one-minute load average "
-              f"{start:.1f} at the start, {mean:.1f} on average at the trials' ends, {end:.1f} at the end "
-              "(other jobs shared the machine).", "- Per-seed results: [results.json](results.json).", ""]
+    lines += [f"- Machine: {machine_description()}; study wall time {report.seconds:.0f} s, CPU time "
+              f"{report.cpu_seconds:.0f} s; one-minute load average {start:.1f} at the start, {mean:.1f} on average "
+              f"at the trials' ends, {end:.1f} at the end (other jobs shared the machine).",
+              "- Per-seed results: [results.json](results.json).", ""]
     lines += ["## Results", ""]
     for table in report.tables:
         lines += [f"### {table.title}", "", markdown_table(table.columns, table.rows), ""]
