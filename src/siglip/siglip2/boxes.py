@@ -107,6 +107,13 @@ def longest_target(text_length: int) -> int:
     return text_length + 6
 
 
+def location_bins(model) -> int:
+    """Location tokens per coordinate for a tower: one per pixel of its square input (32 for the tiny preset, 224 for
+    base), so that a box decodes to within half a pixel of what the tower saw, and no two bins split one pixel that
+    the decoder would have to learn to tell apart (LocCa's 1,000 bins suit its 224-384 px inputs poorly at 32 px)."""
+    return int(model.config.vision_config.image_size)
+
+
 def tokenizer_vocabulary(tokenizer, bins: int = 256) -> DecoderVocabulary:
     """The decoder vocabulary over a text tokenizer: its size, its <pad> and </s> ids."""
     return DecoderVocabulary(text_size=len(tokenizer), bins=bins, pad_id=tokenizer.pad_token_id,

@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from siglip.errors import UserError
-from siglip.siglip2.boxes import TextEncoder, longest_target, sample_targets, stack_targets, tokenizer_vocabulary
+from siglip.siglip2.boxes import (
+    DecoderVocabulary,
+    TextEncoder,
+    location_bins,
+    longest_target,
+    sample_targets,
+    stack_targets,
+    tokenizer_vocabulary,
+)
 from siglip.siglip2.decoder import LocCaDecoder, paper_decoder_config
 from siglip.siglip2.distill import EmaTeacher, heads_for, switch_on_step
 from siglip.siglip2.recipe import (
@@ -52,9 +60,9 @@ def recipe_enabled(config: TrainConfig) -> bool:
 class RecipeTransform(PairTransform):
     """PairTransform's tensors, and the decoder's targets: "decoder_tokens" and "decoder_scored", (3, T) each."""
 
-    def __init__(self, processor: Any, seed: int, text_length: int):
+    def __init__(self, processor: Any, seed: int, text_length: int, vocab: DecoderVocabulary):
         super().__init__(processor)
-        self.vocab = tokenizer_vocabulary(processor.tokenizer)
+        self.vocab = vocab
         self.encode = TextEncoder(processor.tokenizer, text_length)
         self.seed, self.target_length = seed, longest_target(text_length)
 
@@ -112,7 +120,7 @@ class Recipe:
         self.weights = RecipeWeights(decoder=config.decoder_weight, distillation=config.distillation_weight)
         self.switch_on = (switch_on_step(config.steps, config.siglip2_from) if config.siglip2_from is not None
                           else None)
-        self.vocab = tokenizer_vocabulary(processor.tokenizer)
+        self.vocab = tokenizer_vocabulary(processor.tokenizer, location_bins(model))
         # Built from their own seed: the towers' initial weights (and the global random stream) are those of a
         # run without the recipe, so a plain SigLIP run and a recipe run of one seed start from the same towers.
         with torch.random.fork_rng(devices=[]):
@@ -132,7 +140,7 @@ class Recipe:
     def transform(self, processor: Any) -> PairTransform:
         if self.parts.decoder is None:
             return PairTransform(processor)
-        return RecipeTransform(processor, self.config.seed, self.text_length)
+        return RecipeTransform(processor, self.config.seed, self.text_length, self.vocab)
 
     def towers(self) -> Siglip2Towers:
         return Siglip2Towers(self.model, self.parts, self.weights)
