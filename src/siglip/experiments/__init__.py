@@ -21,6 +21,8 @@ STUDIES = {
     "beta2": ("siglip.experiments.beta2", "Adam beta2 0.999 vs 0.95 at a learning rate where 0.999 spikes"),
     "siglit": ("siglip.experiments.siglit", "sigmoid vs softmax against the same locked pretrained image tower"),
     "positives": ("siglip.experiments.positives", "duplicates in a batch: diagonal labels vs id labels (issue #10)"),
+    "siglip2": ("siglip.experiments.siglip2", "SigLIP 2's recipe: SigLIP vs + decoder vs + self-distillation and "
+                "masked prediction, through siglip train"),
 }
 
 
@@ -64,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
                        + ([f"--workers {args.workers}"] if args.workers is not None else [])
                        + ([f"--out {args.out}"] if args.out else []))
     started, load_at_start = time.perf_counter(), load_average()
-    results, notes = run_trials(study, workers=workers, threads=args.threads, cache_dir=args.cache_dir)
+    # A study whose trials are `siglip train` runs (siglip2) brings its own run_trials, with the same signature.
+    trials = getattr(module, "run_trials", run_trials)
+    results, notes = trials(study, workers=workers, threads=args.threads, cache_dir=args.cache_dir)
     outcomes = [compare(comparison, results) for comparison in study.comparisons]
     setup = shared_setup(study, command, threads=args.threads, workers=workers) + study.setup + notes
     report = build_report(study, results, outcomes, command=command, setup=setup)
