@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -438,3 +439,23 @@ def test_a_checkpoint_whose_tokenizer_cannot_be_read_is_one_line_and_exit_2(tmp_
     assert main(["eval", str(directory), "--data", "digits"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "cannot load the processor" in error and str(directory) in error
+
+
+def test_siglip_eval_reads_a_table_of_other_column_names_with_the_column_flags(model_dir, tmp_path, capsys):
+    from siglip.cli import main
+
+    labels = [random.randrange(4) for _ in range(8)]
+    rows = ["picture,words,y"]
+    for number, image in enumerate(random_images(8)):
+        image.save(tmp_path / f"{number}.png")
+        rows.append(f"{number}.png,a photo of a {CLASSES[labels[number]]} square,{labels[number]}")
+    (tmp_path / "odd.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    data = ["--data", str(tmp_path / "odd.csv"), "--classes", str(tmp_path / "names.txt")]
+    assert main(["eval", str(model_dir), *data]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no image column" in error and "--image-column" in error and "picture" in error
+    columns = ["--image-column", "picture", "--caption-column", "words", "--label-column", "y"]
+    assert main(["eval", str(model_dir), *data, *columns, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 8 and result["per_task"]["label"]["classes"] == 4

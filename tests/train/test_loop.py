@@ -176,6 +176,20 @@ def test_bad_samples_are_counted_or_stop_a_strict_run(tmp_path):
         train(replace(config, strict=True, out=str(tmp_path / "strict")))
 
 
+def test_cli_trains_on_a_table_of_other_column_names_with_the_column_flags(tmp_path, capsys):
+    from siglip.cli import main
+
+    table = write_table(tmp_path, rows=8, missing=set())
+    table.write_text(table.read_text().replace("image,caption", "picture,words", 1))
+    flags = [*QUICK_FLAGS, "--data", str(table), "--batch-size", "4", "--steps", "3", "--no-evaluation"]
+    assert main(["train", *flags, "--out", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err
+    assert "no image column" in error and "--image-column" in error and "picture" in error
+    columns = ["--image-column", "picture", "--caption-column", "words"]
+    assert main(["train", *flags, *columns, "--out", str(tmp_path / "run")]) == 0
+    assert [row["step"] for row in read_metrics(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_cli_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     result = subprocess.run(siglip_command("train", *QUICK_FLAGS, "--steps", "1", "--warmup-steps", "0", "--out",

@@ -235,11 +235,11 @@ def _pick_column(header: list[str], given: str | None, usual: tuple[str, ...], w
                  required: bool = True) -> str | None:
     if given is not None:
         if given not in header:
-            raise UserError(f"{keyword}={given!r} is not a column of {path} (columns: {header})")
+            raise UserError(f"{keyword}={given!r} (--{what}-column) is not a column of {path} (columns: {header})")
         return given
     lowered = {name.lower(): name for name in header}
     found = next((lowered[name] for name in usual if name in lowered), None)
     if found is None and required:
         raise UserError(f"no {what} column in {path} (columns: {header}); name it one of {list(usual)} "
-                        f"or pass {keyword}= to open_source")
+                        f"or pass --{what}-column NAME (open_source's {keyword}=)")
     return found

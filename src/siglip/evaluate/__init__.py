@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from siglip.data.export import add_column_arguments
 from siglip.errors import UserError
 from siglip.evaluate.embedding import ImageEmbedder, class_embeddings, embed_images, embed_texts
 from siglip.evaluate.metrics import multi_caption_recall, retrieval_recall, zeroshot_accuracy
@@ -174,6 +175,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", metavar="FILE", help="class names, one a line, in label order (an image "
                         "folder: in sorted folder order)")
     parser.add_argument("--templates", metavar="FILE", help="prompt templates, one a line, with {} for the class")
+    add_column_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     parser.add_argument("--batch-size", type=int, default=256, help="images or texts per forward pass (256)")
     parser.add_argument("--device", default="auto", choices=DEVICES, help="cpu, cuda, or auto (cuda when available; "
@@ -204,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     source = open_source(args.data, split="test", seed=args.seed, classes_file=args.classes,
                          templates_file=args.templates, image_size=args.image_size or model_image_size(model),
-                         with_regions=args.task == "dense")
+                         with_regions=args.task == "dense", image_column=args.image_column,
+                         caption_column=args.caption_column, label_column=args.label_column)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     if args.task == "dense":
         from siglip.siglip2.dense_eval import dense_table, evaluate_model_dir

@@ -149,6 +149,12 @@ class TrainConfig:
     """Class names, one a line, for zero-shot evaluation of sources that bring none."""
     templates: str | None = None
     """Prompt templates, one a line with {} for the class name, for zero-shot evaluation."""
+    image_column: str | None = None
+    """A .csv/.tsv/.jsonl source's image column, when it is not named as usual (filepath, image, ...)."""
+    caption_column: str | None = None
+    """A table source's caption column, when it is not named as usual (caption, text, ...)."""
+    label_column: str | None = None
+    """A table source's class-label column, when it is not named as usual (label, class, ...)."""
     evaluation: bool = True
     """Evaluate on the source's held-out split (for a file source that is every sample of its files: turn it off
     for a large one)."""

@@ -321,7 +321,8 @@ def _model_processor_source(config: TrainConfig, run: RunDirectory) -> tuple[nn.
         image_size = config.image_size or PRESETS[config.model].image_size
     source = open_source(config.data, split="train", seed=config.seed, strict=config.strict,
                          classes_file=config.classes, templates_file=config.templates, image_size=image_size,
-                         with_regions=config.decoder_weight > 0)
+                         with_regions=config.decoder_weight > 0, image_column=config.image_column,
+                         caption_column=config.caption_column, label_column=config.label_column)
 
     if processes.is_main and not processor_dir.exists():
         if model is None:
