@@ -50,10 +50,7 @@ def save(directory: Path, step: int, model, optimizer, scheduler, **extra) -> Pa
 
 
 def test_round_trip_restores_everything(tmp_path):
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little"))
     model, optimizer, scheduler = trained_state()
-    random.seed(os.urandom(8))
-    np.random.seed(int.from_bytes(os.urandom(4), "little"))
     path = save(tmp_path, 3, model, optimizer, scheduler)
     draws = (random.random(), np.random.rand(), torch.rand(4))          # what the saved RNG states draw next
 
@@ -300,7 +297,7 @@ def test_a_google_checkpoint_exports_in_its_own_class_with_its_tokenizer(tmp_pat
         assert exported.tokenizer(text)["input_ids"] == original.tokenizer(text)["input_ids"]
     loaded = AutoModel.from_pretrained(final).eval()
     assert type(loaded) is type(model)
-    rng = np.random.default_rng()
+    rng = np.random.default_rng(random.randrange(2**32))          # from the test seed
     images = [Image.fromarray(rng.integers(0, 256, (int(rng.integers(9, 40)), int(rng.integers(9, 40)), 3),
                                            dtype=np.uint8)) for _ in range(3)]
     to_pixels = image_transform(processor)

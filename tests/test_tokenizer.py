@@ -34,7 +34,7 @@ def random_captions(count: int, rng: random.Random) -> list[str]:
 
 @pytest.fixture(scope="module")
 def captions():
-    return random_captions(2000, random.Random())
+    return random_captions(2000, random.Random(random.randrange(2**32)))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_text_transform_gives_the_tokenizers_ids(tokenizer, captions):
     processor = build_processor(tokenizer, image_size=16)
     transform = text_transform(processor)
     assert transform.encoder is not None                                # ours is encoded without the wrapper
-    rng = random.Random()
+    rng = random.Random(random.randrange(2**32))
     texts = rng.sample(captions, 200) + ["", " ", "Two LARGE Red Stars!", "snow \u2603 and \u00e6\u00f8\u00e5",
                                          " and ".join(rng.sample(captions, 12))]         # the last one is truncated
     texts += ["".join(rng.choice("abcdefgh ,.xyz") for _ in range(rng.randrange(0, 120))) for _ in range(100)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import random
 import struct
 import tarfile
 import zlib
@@ -15,7 +16,7 @@ from PIL import Image
 
 def random_image(side: int = 24, mode: str = "RGB") -> Image.Image:
     """An image of fresh random pixels."""
-    pixels = np.random.default_rng().integers(0, 256, (side, side, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(random.randrange(2**32)).integers(0, 256, (side, side, 3), dtype=np.uint8)
     return Image.fromarray(pixels).convert(mode)
 
 
@@ -40,7 +41,8 @@ def bad_image_bytes() -> dict[str, bytes]:
     return {
         "empty_image": b"",
         "truncated_image": jpeg[: len(jpeg) // 2],
-        "undecodable_image": bytes(np.random.default_rng().integers(0, 256, 300, dtype=np.uint8)),
+        "undecodable_image": bytes(np.random.default_rng(random.randrange(2**32)).integers(0, 256, 300,
+                                                                                  dtype=np.uint8)),
         "too_many_pixels": png_claiming(10_000, 10_000),     # 100 Mpx: over our limit, under PIL's own error
     }
 
@@ -48,7 +50,8 @@ def bad_image_bytes() -> dict[str, bytes]:
 def convertible_image_bytes() -> dict[str, bytes]:
     """Encoded images in modes that must come out as RGB."""
     palette = random_image(16).convert("P", palette=Image.Palette.ADAPTIVE, colors=8)
-    grey16 = Image.fromarray(np.random.default_rng().integers(0, 65536, (16, 16)).astype(np.uint16))
+    values = np.random.default_rng(random.randrange(2**32)).integers(0, 65536, (16, 16))
+    grey16 = Image.fromarray(values.astype(np.uint16))
     return {
         "cmyk_jpeg": encode(random_image(16, "CMYK"), "JPEG"),
         "grey16_png": encode(grey16, "PNG"),

@@ -69,7 +69,8 @@ def test_unreadable_shards_are_reported_and_skipped(tmp_path, caplog):
                                                                                        f"caption {number}".encode())]
             good.append(f"s{shard}/{number}")
         write_tar(tmp_path / f"part-{shard}.tar", members)
-    (tmp_path / "part-2.tar").write_bytes(bytes(np.random.default_rng().integers(0, 256, 2048, dtype=np.uint8)))
+    noise = np.random.default_rng(random.randrange(2**32)).integers(0, 256, 2048, dtype=np.uint8)
+    (tmp_path / "part-2.tar").write_bytes(bytes(noise))
     (tmp_path / "part-3.tar").write_bytes(b"")
     (tmp_path / "part-4.tar").write_bytes(gzip.compress((tmp_path / "part-0.tar").read_bytes()))
     pattern = str(tmp_path / "part-{0..5}.tar")                  # part-5.tar does not exist

@@ -96,5 +96,6 @@ def test_phrases_add_size_and_place_only_to_tell_objects_apart():
     grey, placed = place(things, random.Random(random.randrange(10**6)), 64)
     assert [region.phrase for region in regions(placed, 64)] == [
         f"the small red circle in the {PLACES[0]}", f"the small red circle in the {PLACES[3]}", "the large red circle"]
-    grey, placed = place([Thing("blue", "star", "large", 2), Thing("red", "star", "large", 1)], random.Random(), 64)
+    stars = [Thing("blue", "star", "large", 2), Thing("red", "star", "large", 1)]
+    grey, placed = place(stars, random.Random(random.randrange(2**32)), 64)
     assert [region.phrase for region in regions(placed, 64)] == ["the blue star", "the red star"]
