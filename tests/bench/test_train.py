@@ -52,3 +52,17 @@ def test_bad_flags_are_refused_by_name():
     with pytest.raises(SystemExit):
         main(["bench", "train", "--preset", "tiny", "--device", "tpu"])
     assert main([*TINY, "--image-size", "36"]) == 2       # not a multiple of the patch size: a one-line error
+
+
+def test_a_naflex_preset_gets_packed_patches_at_its_full_budget():
+    import torch
+
+    from siglip.model import PRESETS, unpack_patches
+
+    patch = PRESETS["naflex-tiny"].patch_size
+    side = 32 // patch
+    packed = bench_train._random_pixels("naflex-tiny", 3, 32, torch.Generator().manual_seed(0))
+    pixel_values, mask, shapes = unpack_patches(packed)
+    assert pixel_values.shape == (3, side * side, 3 * patch * patch)
+    assert mask.all() and shapes.tolist() == [[side, side]] * 3
+    assert bench_train._random_pixels("tiny", 3, 32, torch.Generator().manual_seed(0)).shape == (3, 3, 32, 32)

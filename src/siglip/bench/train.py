@@ -31,9 +31,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from siglip.bench.record import publish, write_marked_section
 from siglip.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -67,6 +71,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="FILE",
                         help="write the table into FILE, between the markers of a previous run if FILE has them, "
                              "otherwise appended at its end")
+
+
+def _random_pixels(preset: str, n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, 3, S, S) random images, or for a NaFlex preset their packed patches (n, 1 + P, 3 p^2): every image square
+    at the full budget P = (S / p)^2, the most work the budget allows."""
+    import torch
+
+    from siglip.model import PRESETS, pack_patches
+
+    spec = PRESETS[preset]
+    if not spec.naflex:
+        return torch.randn(n, 3, size, size, generator=generator)
+    side = size // spec.patch_size
+    patches = torch.randn(n, side * side, 3 * spec.patch_size ** 2, generator=generator)
+    return torch.stack([pack_patches(image, (side, side)) for image in patches])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,7 +277,7 @@ def worker_main(config: dict) -> dict:
         trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
         generator = torch.Generator().manual_seed(config["seed"])
         size = config["image_size"]
-        pixel_values = torch.randn(n, 3, size, size, generator=generator).to(device)            # (B, 3, S, S)
+        pixel_values = _random_pixels(config["preset"], n, size, generator).to(device)
         # Ids 2 and up: no pad (0) and no end token (1), so every row uses all L positions.
         input_ids = torch.randint(2, config["vocab_size"], (n, config["text_length"]), generator=generator).to(device)
         times = []
