@@ -296,17 +296,24 @@ def test_siglip_eval_prints_one_json_object(model_dir, capsys):
     assert result["per_task"]["digit"]["classes"] == 10 and result["chance"] == pytest.approx(0.1)
 
 
+def labelled_table(folder, header: str = "filepath,caption,label") -> list[str]:
+    """Eight random images of the four CLASSES in a table with these column names and a class-names file: the
+    --data and --classes flags that read them."""
+    rows = [header]
+    for number, image in enumerate(random_images(8)):
+        image.save(folder / f"{number}.png")
+        label = random.randrange(4)
+        rows.append(f"{number}.png,a photo of a {CLASSES[label]} square,{label}")
+    (folder / "pairs.csv").write_text("\n".join(rows) + "\n")
+    (folder / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    return ["--data", str(folder / "pairs.csv"), "--classes", str(folder / "names.txt")]
+
+
 def test_siglip_eval_reads_a_table_with_classes_and_templates_files(model_dir, tmp_path, capsys):
     from siglip.cli import main
 
-    rows = ["filepath,caption,label"]
-    for number, image in enumerate(random_images(8)):
-        image.save(tmp_path / f"{number}.png")
-        rows.append(f"{number}.png,a photo of a {CLASSES[number % 4]} square,{number % 4}")
-    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
+    data = labelled_table(tmp_path)
     (tmp_path / "prompts.txt").write_text("a {} square\n" + TEMPLATE + "\n")
-    data = ["--data", str(tmp_path / "pairs.csv"), "--classes", str(tmp_path / "names.txt")]
     assert main(["eval", str(model_dir), *data, "--templates", str(tmp_path / "prompts.txt"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n"] == 8 and result["per_task"]["label"]["classes"] == 4
@@ -444,14 +451,7 @@ def test_a_checkpoint_whose_tokenizer_cannot_be_read_is_one_line_and_exit_2(tmp_
 def test_siglip_eval_reads_a_table_of_other_column_names_with_the_column_flags(model_dir, tmp_path, capsys):
     from siglip.cli import main
 
-    labels = [random.randrange(4) for _ in range(8)]
-    rows = ["picture,words,y"]
-    for number, image in enumerate(random_images(8)):
-        image.save(tmp_path / f"{number}.png")
-        rows.append(f"{number}.png,a photo of a {CLASSES[labels[number]]} square,{labels[number]}")
-    (tmp_path / "odd.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "names.txt").write_text("\n".join(CLASSES) + "\n")
-    data = ["--data", str(tmp_path / "odd.csv"), "--classes", str(tmp_path / "names.txt")]
+    data = labelled_table(tmp_path, header="picture,words,y")
     assert main(["eval", str(model_dir), *data]) == 2
     error = capsys.readouterr().err.strip()
     assert "no image column" in error and "--image-column" in error and "picture" in error

@@ -14,21 +14,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))       # tests/, as pytest has it
 
+from train.measure_step_errors import print_largest_errors  # noqa: E402
 from train.test_checkpoint_kinds import micro_batch_case, ring_cases  # noqa: E402
-from train.test_step import gradient_errors  # noqa: E402
 
 
 def main() -> int:
-    first, last = int(sys.argv[1]), int(sys.argv[2])
-    worst: dict[str, dict[str, float]] = {"micro-batches": {}, "ring": {}}
-    for seed in range(first, last):
-        for name, cases in (("micro-batches", [micro_batch_case(seed)]), ("ring", ring_cases(seed))):
-            for case in cases:
-                for error, value in gradient_errors(case).items():
-                    worst[name][error] = max(worst[name].get(error, 0.0), value)
-    print(f"largest errors over seeds {first} ... {last - 1}")
-    for name, errors in worst.items():
-        print(f"{name:15s}" + "  ".join(f"{error} {value:.2g}" for error, value in sorted(errors.items())))
+    cases = {"micro-batches": lambda seed: [micro_batch_case(seed)], "ring": ring_cases}
+    print_largest_errors(cases, int(sys.argv[1]), int(sys.argv[2]))
     return 0
 
 

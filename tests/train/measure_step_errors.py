@@ -31,17 +31,23 @@ CASES = {
 }
 
 
-def main() -> int:
-    first, last = int(sys.argv[1]), int(sys.argv[2])
+def print_largest_errors(cases: dict, first: int, last: int) -> None:
+    """For each named comparison (seed -> its cases), the largest of each error over seeds FIRST ... LAST - 1."""
     worst: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for seed in range(first, last):
-        for name, case in CASES.items():
+        for name, draw in cases.items():
             torch.manual_seed(seed)
-            for error, value in gradient_errors(case()).items():
-                worst[name][error] = max(worst[name][error], value)
+            for case in draw(seed):
+                for error, value in gradient_errors(case).items():
+                    worst[name][error] = max(worst[name][error], value)
     print(f"largest errors over seeds {first} ... {last - 1}")
     for name, errors in worst.items():
         print(f"{name:30s}" + "  ".join(f"{error} {value:.2g}" for error, value in sorted(errors.items())))
+
+
+def main() -> int:
+    print_largest_errors({name: lambda seed, case=case: [case()] for name, case in CASES.items()},
+                         int(sys.argv[1]), int(sys.argv[2]))
     return 0
 
 
