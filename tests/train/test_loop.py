@@ -311,8 +311,8 @@ def test_a_run_that_diverges_skips_counts_and_stops_with_status_3(tmp_path):
     # At lr 1e30 the first update puts weights near 1e30, and the next forward's layer norm squares them past
     # float32's range: every update after the first is non-finite, whatever the seed.
     flags = [*QUICK_FLAGS, "--data", "shapes", "--batch-size", "32", "--steps", "40", "--lr", "1e30",
-             "--grad-clip", "0", "--warmup-steps", "1", "--checkpoint-every", "1", "--num-workers", "0", "--no-evaluation",
-             "--seed", str(random.randrange(1000))]
+             "--grad-clip", "0", "--warmup-steps", "1", "--checkpoint-every", "1", "--num-workers", "0",
+             "--no-evaluation", "--seed", str(random.randrange(1000))]
     result = subprocess.run(siglip_command("train", *flags, "--out", str(out)), env=child_environment(),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr[-3000:]
