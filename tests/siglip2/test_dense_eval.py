@@ -32,10 +32,23 @@ def test_the_probe_reads_labels_the_patch_features_hold_and_not_those_they_lack(
     knowing = torch.cat([torch.nn.functional.one_hot(torch.from_numpy(color), 9),
                          torch.nn.functional.one_hot(torch.from_numpy(shape), 7)], dim=-1).double()
     knowing = knowing + 0.05 * torch.randn_like(knowing)
-    result = dense_eval.probe_patches(knowing, samples, grid, tasks, seed=random.randrange(100))
+    seed = random.randrange(100)
+    result = dense_eval.probe_patches(knowing, samples, grid, tasks, seed=seed)
     assert set(result["probe"]) == {"color", "shape"}
     assert result["probe"]["color"]["classes"] == 9 and result["probe"]["shape"]["classes"] == 7
-    assert result["balanced_accuracy"] > 0.95 and result["object_accuracy"] > 0.95
+    # Every patch is read right, except those of a class the fitting half of the images never shows (in 80 draws,
+    # 2 of them missed a colour that way): the probe cannot name a class it was not fitted on. The halves are
+    # linear_probe's documented seeded permutation.
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).numpy()
+    fit, scored = order[:len(samples) // 2], order[len(samples) // 2:]
+    for task, labels, background in (("color", color, 8), ("shape", shape, 6)):
+        seen = set(labels[fit].reshape(-1).tolist())
+        present = sorted(set(labels[scored].reshape(-1).tolist()))
+        balanced = sum(label in seen for label in present) / len(present)
+        objects = labels[scored][labels[scored] != background]
+        readable = float(np.mean([label in seen for label in objects.tolist()]))
+        assert result["probe"][task]["balanced_accuracy"] == pytest.approx(balanced, abs=1e-12), task
+        assert result["probe"][task]["object_accuracy"] == pytest.approx(readable, abs=1e-12), task
     # ... and features that know nothing: the balanced accuracy stays near chance.
     blind = dense_eval.probe_patches(torch.randn(80, 16, 8, dtype=torch.float64), samples, grid, tasks)
     assert blind["balanced_accuracy"] < blind["chance_balanced"] + 0.15
