@@ -46,7 +46,9 @@ def study(smoke: bool) -> Study:
     comparisons = [
         Comparison("the first loss is lower with b at the prior than with b = 0 (t = 10)", plus=(ZERO_T10,),
                    minus=(PRIOR_T10,), metric="initial_loss", percent=False, must_learn=()),
-        Comparison("b at the prior beats b = 0 (t = 10)", plus=(PRIOR_T10,), minus=(ZERO_T10,)),
+        # A b = 0 arm that fails to learn is the cost the claim predicts, so only the arm at the prior must learn.
+        Comparison("b at the prior beats b = 0 (t = 10)", plus=(PRIOR_T10,), minus=(ZERO_T10,),
+                   must_learn=(PRIOR_T10,)),
         Comparison("b at the prior, t = 10 beats b = 0, t = 1", plus=(PRIOR_T10,), minus=(ZERO_T1,),
                    must_learn=(PRIOR_T10,)),
         Comparison("b at the prior, t = 10 beats b at the prior, t = 1", plus=(PRIOR_T10,), minus=(PRIOR_T1,),
@@ -58,7 +60,7 @@ def study(smoke: bool) -> Study:
     ]
     scope = (
         f"Tested: the paper's 2 x 2 of inits with -10 read as what it is at the paper's batch, the prior (here "
-        f"-log {batch - 1} = {prior:.2f}), at batch {batch} for {steps} steps, where every arm that starts at t = 10 "
+        f"-log {batch - 1} = {prior:.2f}), at batch {batch} for {steps} steps, where the arm at the prior with t = 10 "
         "learns; the first loss shows how far each start is from the prior. Also run, not a claim of the paper: the "
         "literal b = -10, which at this batch starts far below the prior and barely moves (Adam moves b by about the "
         "learning rate, 1e-3, per step). Not tested: the 'no bias' row, and the paper's 900M examples at batch 8k; "
