@@ -307,7 +307,7 @@ def test_the_run_uses_the_papers_optimiser_and_counts_captions_cut_short(shapes_
 
 def test_a_run_that_diverges_skips_counts_and_stops_with_status_3(tmp_path):
     out = tmp_path / "diverged"
-    # The issue's command diverged at lr 50, but not from every seed (when t' first steps down, nothing overflows).
+    # The issue's command used lr 50, which did not diverge from every seed (a torchrun draw ran its 40 steps).
     # At lr 1e30 the first update puts weights near 1e30, and the next forward's layer norm squares them past
     # float32's range: every update after the first is non-finite, whatever the seed.
     flags = [*QUICK_FLAGS, "--data", "shapes", "--batch-size", "32", "--steps", "40", "--lr", "1e30",
