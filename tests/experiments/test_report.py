@@ -17,6 +17,15 @@ def test_every_plot_draws_its_chance_line():
         assert len(lines) == 1 and list(lines[0].get_ydata()) == [chance, chance]
 
 
+def test_a_categorical_axis_names_its_positions():
+    labels = ["clean", "image", "shuffle"]
+    plot = Plot("p.png", "t", "x", "y", [Series("a", [0, 1, 2], [60.0, 50.0, 40.0])], chance=10.0,
+                xticklabels=labels)
+    axes = plot_figure(plot).axes[0]
+    assert list(axes.get_xticks()) == [0, 1, 2]
+    assert [tick.get_text() for tick in axes.get_xticklabels()] == labels
+
+
 def test_report_writer_writes_markdown_pngs_and_json(tmp_path):
     report = Report(
         study="made-up", title="A made-up study", claim="The paper says x.", verdicts=["**reproduced**: x"],

@@ -172,7 +172,6 @@ def noise_plot(study: Study, results: Results, kinds: tuple[str, ...]) -> Plot:
         intervals = [t_interval(values(results, arm_name(loss, kind), "zeroshot")) for kind in labels]
         series.append(Series(loss, list(range(len(labels))), [100 * i.mean for i in intervals],
                              [100 * i.half_width if i.n > 1 else 0.0 for i in intervals]))
-    plot = Plot("by_corruption.png", "zeroshot accuracy by corruption (95% intervals); x: " + ", ".join(labels),
-                "corruption (0 = clean)", "zeroshot accuracy (%)", series,
-                chance=100 * chance_of(results, study.arms[0].name))
-    return plot
+    return Plot("by_corruption.png", "zeroshot accuracy by corruption (95% intervals)", "training pairs",
+                "zeroshot accuracy (%)", series, chance=100 * chance_of(results, study.arms[0].name),
+                xticklabels=list(labels))

@@ -57,6 +57,8 @@ class Plot:
     logy: bool = False
     bars: bool = False
     """One bar per series (its first y, its spread as an error bar) instead of lines."""
+    xticklabels: list[str] | None = None
+    """Names for the x positions 0, 1, ... where x is categorical (a corruption, say) rather than a quantity."""
 
 
 @dataclass
@@ -176,6 +178,8 @@ def plot_figure(plot: Plot):
         axes.axhline(plot.chance, color="grey", linestyle="--", linewidth=1.2, label=plot.chance_label)
     if plot.logx:
         axes.set_xscale("log", base=2)
+    if plot.xticklabels is not None:
+        axes.set_xticks(range(len(plot.xticklabels)), plot.xticklabels)
     if plot.logy:
         axes.set_yscale("log")
     axes.set_title(plot.title, fontsize="medium")
