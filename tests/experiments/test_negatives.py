@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reference import reference_sigmoid_loss, unit_rows
+from siglip.experiments import negatives
 from siglip.experiments.design import Arm, prior_logit_bias
 from siglip.experiments.negatives import (
     MaskedNegatives,
@@ -103,3 +104,13 @@ def test_masked_arm_starts_its_bias_at_the_prior_of_the_kept_ratio():
     assert math.isclose(arm.logit_bias_at_start(), -math.log(negatives_per_positive), rel_tol=1e-12)
     assert math.isclose(Arm("all", batch, 10).logit_bias_at_start(), prior_logit_bias(batch), rel_tol=1e-12)
     assert prior_logit_bias(batch) < arm.logit_bias_at_start() or fraction == 1.0
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_the_bias_claim_compares_arms_that_start_at_one_bias(smoke):
+    # Each masked arm starts at its own prior, higher than all negatives' by -log(fraction): comparing those would
+    # read "the bias rises" before a step is taken.
+    built = negatives.study(smoke)
+    starts = {arm.name: arm.logit_bias_at_start() for arm in built.arms}
+    (claim,) = [c for c in built.comparisons if c.metric == "logit_bias"]
+    assert len({starts[name] for name in claim.arms}) == 1, {name: starts[name] for name in claim.arms}
